@@ -1,0 +1,111 @@
+"""Small model blocks shared by the Adventurer and ARM models.
+
+They keep the official parameter names (``proj``, ``w1/w2/w3``) so official checkpoints load strictly,
+and the official initialisers (timm 0.4.12 semantics, SPEC 2.3) so from-scratch runs start alike.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+
+# timm 0.4.12 divided the lecun std by this constant (std of a +-2 sigma truncated unit normal).
+_TRUNC_STD_CORRECTION = 0.87962566103423978
+
+
+class SwiGLU(nn.Module):
+    """Gated MLP ``w3(SiLU(w1 x) * w2 x)`` with the official ``w1/w2/w3`` names (timm's SwiGLU renames them)."""
+
+    def __init__(self, in_features, hidden_features):
+        super().__init__()
+        self.w1 = nn.Linear(in_features, hidden_features)
+        self.w2 = nn.Linear(in_features, hidden_features)
+        self.ffn_ln = nn.Identity()  # official subln=False: present as a name, no parameters
+        self.w3 = nn.Linear(hidden_features, in_features)
+
+    def forward(self, x):
+        return self.w3(self.ffn_ln(F.silu(self.w1(x)) * self.w2(x)))
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches -> ``(B, N, C)`` tokens in raster order, for one fixed square input size.
+
+    ``grid_size`` is an int (official); models are built per resolution, so a wrong input size is an error.
+    """
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768):
+        super().__init__()
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.grid_size = (img_size - patch_size) // patch_size + 1
+        self.num_patches = self.grid_size ** 2
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        height, width = x.shape[-2:]
+        if (height, width) != (self.img_size, self.img_size):
+            raise ValueError(
+                f"input size {height}x{width} does not match the model's img_size "
+                f"{self.img_size}x{self.img_size}; build the model with img_size={height}"
+            )
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+def drop_path_rates(drop_path_rate, depth, official_offset=True):
+    """Per-layer stochastic-depth rates.
+
+    The official lists are ``[0] + linspace(0, rate, depth)`` indexed by layer (SPEC 9 item 3): the first
+    two layers get 0 and the nominal maximum is never reached. ``official_offset=False`` gives the usual
+    ``linspace(0, rate, depth)``.
+    """
+    rates = torch.linspace(0, drop_path_rate, depth).tolist()
+    if official_offset:
+        rates = [0.0] + rates[:-1]
+    return rates
+
+
+def lecun_normal_official_(tensor):
+    """timm 0.4.12 ``lecun_normal_``: normal with std sqrt(1/fan_in)/0.8796, truncated at ABSOLUTE +-2.
+
+    Current timm truncates at +-2 sigma instead (a narrower distribution), see ECOSYSTEM.md.
+    """
+    fan_in = tensor[0].numel()  # in_channels * receptive field
+    return trunc_normal_(tensor, std=math.sqrt(1.0 / fan_in) / _TRUNC_STD_CORRECTION)
+
+
+def init_weights_official(module, n_layer):
+    """One step of the official ``self.apply`` init walk (mamba-ssm ``_init_weights``, SPEC 2.3 step 4).
+
+    Linear biases -> 0 unless flagged ``_no_reinit``; a module owning ``out_proj.weight`` or ``fc2.weight``
+    (the SSM mixer, an MLP) gets that weight re-drawn kaiming-uniform(a=sqrt 5) and scaled by 1/sqrt(n_layer),
+    the GPT-2 rescaling of residual-branch outputs.
+    """
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        if not getattr(module.bias, "_no_reinit", False):
+            nn.init.zeros_(module.bias)
+    for name, param in module.named_parameters():
+        if name in ("out_proj.weight", "fc2.weight"):
+            nn.init.kaiming_uniform_(param, a=math.sqrt(5))
+            with torch.no_grad():
+                param /= math.sqrt(n_layer)
+
+
+def _sincos_1d(embed_dim, positions):
+    """``[sin(pos * w_k), cos(pos * w_k)]`` with ``w_k = 10000^(-k / (embed_dim/2))`` (float64, MAE)."""
+    omega = 1.0 / 10000 ** (torch.arange(embed_dim // 2, dtype=torch.float64) / (embed_dim / 2))
+    angles = positions.reshape(-1, 1).to(torch.float64) * omega
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+def sincos_2d_pos_embed(embed_dim, grid_size):
+    """Fixed 2-D sin-cos table ``(G*G, D)`` float32 in raster order, MAE/ARM channel order (SPEC 1.8).
+
+    The first half of the channels encodes the COLUMN index and the second half the ROW index; timm's
+    ``build_sincos2d_pos_embed`` interleaves differently, so it is not a drop-in replacement.
+    """
+    if embed_dim % 4:
+        raise ValueError(f"sincos_2d_pos_embed needs embed_dim divisible by 4, got {embed_dim}")
+    coords = torch.arange(grid_size, dtype=torch.float32)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+    return torch.cat([_sincos_1d(embed_dim // 2, cols), _sincos_1d(embed_dim // 2, rows)], dim=1).float()
