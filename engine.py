@@ -1,0 +1,180 @@
+"""Training and evaluation loops shared by main.py, main_pretrain.py and Finetuning/main_finetune.py.
+
+One loop covers the three official engines: the caller picks the loss (a criterion, or None when the
+model's forward returns the loss, as ARM pretraining does), the lr rule (a per-iteration callable such
+as `cosine_lr_per_iter`, or an epoch-level timm scheduler stepped by the caller) and the loss scaler
+(`timm.utils.NativeScaler` for fp16, None for bf16/fp32, where scaling is unnecessary).
+"""
+import math
+from contextlib import nullcontext
+
+import torch
+from timm.utils import accuracy
+
+import utils
+
+
+class _FirstIterations:
+    """The first `limit` batches of a loader, with a matching len() so ETA and progress stay right."""
+
+    def __init__(self, loader, limit):
+        self.loader, self.limit = loader, limit
+
+    def __len__(self):
+        return min(len(self.loader), self.limit)
+
+    def __iter__(self):
+        for step, batch in enumerate(self.loader):
+            if step >= self.limit:
+                return
+            yield batch
+
+
+def _split_batch(batch):
+    """(images, targets) from an ImageFolder-style batch; (images, None) from an unlabelled one."""
+    if isinstance(batch, (list, tuple)):
+        return batch[0], (batch[1] if len(batch) > 1 else None)
+    return batch, None
+
+
+def _unwrap(model):
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def _autocast(device, amp_dtype):
+    return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+
+
+def cosine_lr_per_iter(optimizer, epoch_float, lr, min_lr, warmup_epochs, epochs):
+    """Half-cycle cosine with linear warmup at a fractional epoch (MAE/ARM rule); returns the unscaled lr.
+
+    Each group gets `lr * group["lr_scale"]` so layer-wise decay survives every update.
+    """
+    if epoch_float < warmup_epochs:
+        value = lr * epoch_float / warmup_epochs
+    else:
+        progress = (epoch_float - warmup_epochs) / (epochs - warmup_epochs)
+        value = min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    for group in optimizer.param_groups:
+        group["lr"] = value * group.get("lr_scale", 1.0)
+    return value
+
+
+def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, loss_scaler=None, *,
+                    amp_dtype=None, clip_grad=None, accum_iter=1, model_ema=None, mixup_fn=None,
+                    bce_targets=False, lr_schedule=None, layer_scaled_lr=False, log_writer=None,
+                    print_freq=10, train_mode=True, max_iters=None):
+    """One pass over `data_loader`; returns the epoch averages of the meters (`loss`, `lr`).
+
+    criterion: `criterion(outputs, targets)`, or None when `model(images)` returns the loss itself
+        (a per-token vector is reduced with `.mean()`; labels are ignored).
+    loss_scaler: `timm.utils.NativeScaler` (scaled backward, unscale before clipping) or None.
+    lr_schedule: callable(fractional_epoch) run at the start of every accumulation window.
+    layer_scaled_lr: multiply every group's lr by its `lr_scale` once at the start of the epoch, for
+        schedulers that write unscaled lrs (timm >= 0.9 schedulers scale by themselves: leave False).
+    bce_targets: threshold (soft) targets at 0 after mixup, as the official `--bce-loss` does.
+    max_iters: stop after this many iterations (tests and debugging).
+    """
+    model.train(train_mode)
+    metric_logger = utils.MetricLogger(delimiter="  ")
+    metric_logger.add_meter("loss", utils.SmoothedValue())
+    metric_logger.add_meter("lr", utils.SmoothedValue(window_size=1, fmt="{value:.6f}"))
+    header = f"Epoch: [{epoch}]"
+
+    if layer_scaled_lr:
+        for group in optimizer.param_groups:
+            group["lr"] *= group.get("lr_scale", 1.0)
+
+    if max_iters is not None:
+        data_loader = _FirstIterations(data_loader, max_iters)
+    iters_per_epoch = len(data_loader)
+    # A window cut short by the end of the epoch is discarded, like the official loops.
+    optimizer.zero_grad(set_to_none=True)
+    model_for_ema = _unwrap(model)
+
+    for step, batch in enumerate(metric_logger.log_every(data_loader, print_freq, header)):
+        if lr_schedule is not None and step % accum_iter == 0:
+            lr_schedule(epoch + step / iters_per_epoch)
+        samples, targets = _split_batch(batch)
+        samples = samples.to(device, non_blocking=True)
+        if targets is not None:
+            targets = targets.to(device, non_blocking=True)
+        if mixup_fn is not None:
+            samples, targets = mixup_fn(samples, targets)
+        if bce_targets and targets is not None and targets.is_floating_point():
+            targets = targets.gt(0.0).to(targets.dtype)
+
+        update_step = (step + 1) % accum_iter == 0
+        # Skip the DDP all-reduce on micro-steps that only accumulate.
+        sync_context = nullcontext() if update_step or not hasattr(model, "no_sync") else model.no_sync()
+        with sync_context:
+            with _autocast(device, amp_dtype):
+                outputs = model(samples)
+                loss = outputs.mean() if criterion is None else criterion(outputs, targets)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise SystemExit(f"Loss is {loss_value} at epoch {epoch}, iteration {step}: stopping training "
+                                 "(lower --lr, enable --clip-grad, or use --amp bfloat16 instead of float16)")
+            loss = loss / accum_iter
+            if loss_scaler is not None:
+                loss_scaler(loss, optimizer, clip_grad=clip_grad, parameters=model.parameters(),
+                            need_update=update_step)
+            else:
+                loss.backward()
+                if update_step:
+                    if clip_grad is not None:
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+                    optimizer.step()
+
+        if update_step:
+            optimizer.zero_grad(set_to_none=True)
+            if model_ema is not None:
+                model_ema.update(model_for_ema)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+        lr = max(group["lr"] for group in optimizer.param_groups)
+        metric_logger.update(loss=loss_value)
+        metric_logger.update(lr=lr)
+        if log_writer is not None and update_step:
+            # x axis in 1/1000 epochs, so runs with different batch sizes line up (ARM convention).
+            epoch_1000x = int((step / iters_per_epoch + epoch) * 1000)
+            log_writer.add_scalar("train_loss", utils.all_reduce_mean(loss_value), epoch_1000x)
+            log_writer.add_scalar("lr", lr, epoch_1000x)
+
+    metric_logger.synchronize_between_processes()
+    print("Averaged stats:", metric_logger)
+    return {name: meter.global_avg for name, meter in metric_logger.meters.items()}
+
+
+@torch.no_grad()
+def evaluate(data_loader, model, device, amp_dtype=None, print_freq=10, header="Test:", max_iters=None):
+    """Top-1/top-5 accuracy (percent, weighted by batch size) and mean per-batch cross-entropy.
+
+    Totals are all-reduced over ranks, so every rank returns the same numbers.
+    """
+    criterion = torch.nn.CrossEntropyLoss()
+    metric_logger = utils.MetricLogger(delimiter="  ")
+    for name in ("loss", "acc1", "acc5"):
+        metric_logger.add_meter(name, utils.SmoothedValue())
+    model.eval()
+    if max_iters is not None:
+        data_loader = _FirstIterations(data_loader, max_iters)
+
+    for batch in metric_logger.log_every(data_loader, print_freq, header):
+        images, target = _split_batch(batch)
+        images = images.to(device, non_blocking=True)
+        target = target.to(device, non_blocking=True)
+        with _autocast(device, amp_dtype):
+            output = model(images)
+            loss = criterion(output, target)
+        acc1, acc5 = accuracy(output.float(), target, topk=(1, min(5, output.shape[-1])))
+        batch_size = images.shape[0]
+        metric_logger.update(loss=loss.item())
+        metric_logger.meters["acc1"].update(acc1.item(), n=batch_size)
+        metric_logger.meters["acc5"].update(acc5.item(), n=batch_size)
+
+    metric_logger.synchronize_between_processes()
+    stats = {name: metric_logger.meters[name].global_avg for name in ("loss", "acc1", "acc5")}
+    print(f"* Acc@1 {stats['acc1']:.3f} Acc@5 {stats['acc5']:.3f} loss {stats['loss']:.3f}")
+    return stats
