@@ -1,0 +1,408 @@
+"""Distributed helpers, metric logging, seeding, mixed precision and experiment logging.
+
+Departures from the official helpers, all so that one code path runs everywhere: a single process with
+no launcher works (official Adventurer crashes on the unset `args.gpu`), CPU runs use gloo instead of
+hard-coded nccl, metric sync follows the process-group backend instead of assuming CUDA, and the
+optional loggers (wandb, mlflow, tensorboard) are imported only when asked for.
+"""
+import builtins
+import datetime
+import importlib
+import json
+import os
+import random
+import time
+from collections import defaultdict, deque
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+_builtin_print = builtins.print
+
+
+# ---------------------------------------------------------------------------------------------------
+# distributed
+
+
+def is_dist_avail_and_initialized():
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_world_size():
+    return dist.get_world_size() if is_dist_avail_and_initialized() else 1
+
+
+def get_rank():
+    return dist.get_rank() if is_dist_avail_and_initialized() else 0
+
+
+def is_main_process():
+    return get_rank() == 0
+
+
+def barrier():
+    if is_dist_avail_and_initialized():
+        dist.barrier()
+
+
+def _comm_device():
+    """Collectives run on CUDA tensors under nccl and on CPU tensors under gloo."""
+    return torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def all_reduce_mean(value):
+    """Mean of a Python number over all ranks (the number itself when not distributed)."""
+    if not is_dist_avail_and_initialized():
+        return float(value)
+    tensor = torch.tensor(float(value), dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(tensor)
+    return tensor.item() / get_world_size()
+
+
+def setup_for_distributed(is_master):
+    """Silence print() on non-master ranks; `print(..., force=True)` still prints everywhere."""
+    def print(*args, force=False, **kwargs):
+        if is_master or force:
+            _builtin_print(*args, **kwargs)
+
+    builtins.print = print
+
+
+def _env_int(name, purpose):
+    try:
+        return int(os.environ[name])
+    except KeyError:
+        raise SystemExit(f"{purpose} needs the environment variable {name}, which is not set") from None
+
+
+def init_distributed_mode(args):
+    """Set args.rank/world_size/gpu/distributed/dist_backend from the launcher and join the process group.
+
+    Order: OpenMPI (`args.dist_on_itp`), torchrun / `torch.distributed.launch --use_env` (RANK,
+    WORLD_SIZE, LOCAL_RANK; a legacy `--local-rank` flag is the fallback for LOCAL_RANK), Slurm
+    (SLURM_PROCID, world size from `args.world_size` as set by run_with_submitit), else one process.
+    nccl when the run uses CUDA, gloo otherwise (`args.device == "cpu"` or no GPU).
+    """
+    use_cuda = torch.cuda.is_available() and str(getattr(args, "device", "cuda")).startswith("cuda")
+    args.dist_backend = "nccl" if use_cuda else "gloo"
+    if getattr(args, "dist_on_itp", False):
+        args.rank = _env_int("OMPI_COMM_WORLD_RANK", "--dist_on_itp")
+        args.world_size = _env_int("OMPI_COMM_WORLD_SIZE", "--dist_on_itp")
+        args.gpu = _env_int("OMPI_COMM_WORLD_LOCAL_RANK", "--dist_on_itp")
+        args.dist_url = f"tcp://{os.environ.get('MASTER_ADDR', '127.0.0.1')}:{os.environ.get('MASTER_PORT', '29500')}"
+        os.environ.update(LOCAL_RANK=str(args.gpu), RANK=str(args.rank), WORLD_SIZE=str(args.world_size))
+    elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        args.rank = int(os.environ["RANK"])
+        args.world_size = int(os.environ["WORLD_SIZE"])
+        args.gpu = int(os.environ.get("LOCAL_RANK", max(getattr(args, "local_rank", 0) or 0, 0)))
+    elif "SLURM_PROCID" in os.environ and int(getattr(args, "world_size", 1) or 1) > 1:
+        args.rank = int(os.environ["SLURM_PROCID"])
+        args.world_size = int(args.world_size)
+        local = os.environ.get("SLURM_LOCALID")
+        args.gpu = int(local) if local is not None else args.rank % max(torch.cuda.device_count(), 1)
+    else:
+        args.rank, args.world_size, args.gpu, args.distributed = 0, 1, 0, False
+        setup_for_distributed(True)
+        print("Not using distributed mode")
+        return
+
+    args.distributed = True
+    args.dist_url = getattr(args, "dist_url", None) or "env://"
+    if use_cuda:
+        torch.cuda.set_device(args.gpu)
+    print(f"| distributed init (rank {args.rank}/{args.world_size}, {args.dist_backend}): "
+          f"{args.dist_url}, gpu {args.gpu}", flush=True)
+    dist.init_process_group(backend=args.dist_backend, init_method=args.dist_url,
+                            world_size=args.world_size, rank=args.rank)
+    if use_cuda:
+        dist.barrier(device_ids=[args.gpu])
+    else:
+        dist.barrier()
+    setup_for_distributed(args.rank == 0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# metrics
+
+
+class SmoothedValue:
+    """A series of values: windowed median/average for printing, global average for the epoch summary."""
+
+    def __init__(self, window_size=20, fmt="{median:.4f} ({global_avg:.4f})"):
+        self.deque = deque(maxlen=window_size)
+        self.total = 0.0
+        self.count = 0
+        self.fmt = fmt
+
+    def update(self, value, n=1):
+        self.deque.append(value)
+        self.count += n
+        self.total += value * n
+
+    def synchronize_between_processes(self):
+        """All-reduce count and total (not the window), on the device the process group uses."""
+        if not is_dist_avail_and_initialized():
+            return
+        tensor = torch.tensor([self.count, self.total], dtype=torch.float64, device=_comm_device())
+        dist.barrier()
+        dist.all_reduce(tensor)
+        self.count, self.total = int(tensor[0].item()), tensor[1].item()
+
+    @property
+    def median(self):
+        return torch.tensor(list(self.deque)).median().item()
+
+    @property
+    def avg(self):
+        return torch.tensor(list(self.deque), dtype=torch.float32).mean().item()
+
+    @property
+    def global_avg(self):
+        return self.total / self.count if self.count else float("nan")
+
+    @property
+    def max(self):
+        return max(self.deque)
+
+    @property
+    def value(self):
+        return self.deque[-1]
+
+    def __str__(self):
+        return self.fmt.format(median=self.median, avg=self.avg, global_avg=self.global_avg,
+                               max=self.max, value=self.value)
+
+
+def _batch_size(batch):
+    """Images in a loader item ((images, targets) tuple or a tensor), None when unknown."""
+    first = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+    return first.shape[0] if torch.is_tensor(first) and first.dim() > 0 else None
+
+
+class MetricLogger:
+    """Named SmoothedValues plus a progress printer for training and evaluation loops."""
+
+    def __init__(self, delimiter="  "):
+        self.meters = defaultdict(SmoothedValue)
+        self.delimiter = delimiter
+
+    def update(self, **kwargs):
+        for name, value in kwargs.items():
+            if value is None:
+                continue
+            self.meters[name].update(value.item() if torch.is_tensor(value) else float(value))
+
+    def __getattr__(self, attr):
+        meters = self.__dict__.get("meters", {})
+        if attr in meters:
+            return meters[attr]
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{attr}'")
+
+    def __str__(self):
+        return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
+
+    def synchronize_between_processes(self):
+        for meter in self.meters.values():
+            meter.synchronize_between_processes()
+
+    def add_meter(self, name, meter):
+        self.meters[name] = meter
+
+    def log_every(self, iterable, print_freq, header=""):
+        """Yield from `iterable`, printing meters, ETA, img/s, iteration/data time and max CUDA memory."""
+        total = len(iterable)
+        digits = len(str(total))
+        iter_time = SmoothedValue(fmt="{avg:.4f}")
+        data_time = SmoothedValue(fmt="{avg:.4f}")
+        start = end = window_start = time.time()
+        window_images = 0
+        for i, obj in enumerate(iterable):
+            data_time.update(time.time() - end)
+            yield obj
+            iter_time.update(time.time() - end)
+            window_images += _batch_size(obj) or 0
+            if i % print_freq == 0 or i == total - 1:
+                eta = datetime.timedelta(seconds=int(iter_time.global_avg * (total - i - 1)))
+                parts = [f"{header} [{i:>{digits}}/{total}]", f"eta: {eta}", str(self)]
+                if window_images:
+                    parts.append(f"img/s: {window_images / max(time.time() - window_start, 1e-9):.1f}")
+                parts += [f"time: {iter_time}", f"data: {data_time}"]
+                if torch.cuda.is_available():
+                    parts.append(f"max mem: {torch.cuda.max_memory_allocated() / 2**20:.0f}MB")
+                print(self.delimiter.join(p for p in parts if p))
+                window_start, window_images = time.time(), 0
+            end = time.time()
+        total_time = time.time() - start
+        print(f"{header} Total time: {datetime.timedelta(seconds=int(total_time))} "
+              f"({total_time / max(total, 1):.4f} s / it)")
+
+
+# ---------------------------------------------------------------------------------------------------
+# misc
+
+
+def seed_everything(seed):
+    """Seed Python, NumPy and torch (CPU and CUDA); callers add the rank as the official scripts do.
+
+    The official scripts left Python's `random` unseeded; seeding it too makes runs repeatable.
+    """
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+AMP_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+              "fp16": torch.float16, "half": torch.float16}
+
+
+def parse_amp(value):
+    """--amp value -> autocast dtype, None for no autocast ("", "none", None, False)."""
+    if isinstance(value, torch.dtype) or value is None:
+        return value
+    if value is False or str(value).strip().lower() in ("", "none", "false", "fp32", "float32"):
+        return None
+    try:
+        return AMP_DTYPES[str(value).strip().lower()]
+    except KeyError:
+        raise ValueError(f"unknown mixed-precision setting {value!r}: use bfloat16, float16 or none") from None
+
+
+def autocast(device, amp):
+    """torch.autocast for `amp` on the device's type, or a no-op context when amp is off."""
+    dtype = parse_amp(amp)
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def count_parameters(model, trainable_only=True):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+# ---------------------------------------------------------------------------------------------------
+# experiment logging
+
+
+def _import_optional(module, package, flag):
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise SystemExit(f"{flag} needs the optional package '{package}': pip install {package}") from None
+
+
+def _plain_config(args):
+    """args as JSON-friendly values for the trackers' config/params."""
+    return {k: v if isinstance(v, (bool, int, float, str, type(None))) else str(v) for k, v in vars(args).items()}
+
+
+def plot_curves(log_path, out_path):
+    """Loss and accuracy vs epoch from a log.txt; returns out_path, or None without data or matplotlib."""
+    rows = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
+    rows = [row for row in rows if "epoch" in row]
+    panels = [(title, [k for k in keys if any(k in row for row in rows)])
+              for title, keys in (("loss", ("train_loss", "test_loss")),
+                                  ("top-1 accuracy (%)", ("test_acc1", "ema_test_acc1")))]
+    panels = [(title, keys) for title, keys in panels if keys]
+    if not panels:
+        return None
+    try:
+        from matplotlib.figure import Figure  # object API: no pyplot, no global backend switch
+    except ImportError:
+        print(f"note: matplotlib is not installed, {out_path} not written (pip install matplotlib)")
+        return None
+    fig = Figure(figsize=(5 * len(panels), 4))
+    for ax, (title, keys) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+        for key in keys:
+            points = [(row["epoch"], row[key]) for row in rows if key in row]
+            ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, label=key)
+        ax.set(xlabel="epoch", title=title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    return Path(out_path)
+
+
+class ExperimentLogger:
+    """Per-epoch stats to `output_dir/log.txt` (official JSON lines) and the trackers `args` enables.
+
+    Everything happens on global rank 0 only (official mlflow ran once per node). Sinks:
+    `args.if_wandb` (set WANDB_MODE=offline to run without an account; the run id is stored in
+    `args.wandb_resume` so a resumed checkpoint continues the same run), `args.mlflow` (local ./mlruns file
+    store unless MLFLOW_TRACKING_URI is set; run name = last component of output_dir), tensorboard when
+    `args.log_dir` is non-empty or `args.tensorboard` is set. `add_scalar` lets the engine log per step.
+    """
+
+    def __init__(self, args, output_dir):
+        self.output_dir = Path(output_dir) if output_dir else None
+        self.active = is_main_process()
+        self.wandb = self.mlflow = self.tensorboard = None
+        if not self.active:
+            return
+        if self.output_dir:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        if getattr(args, "if_wandb", False):
+            self.wandb = self._start_wandb(args)
+        if getattr(args, "mlflow", False):
+            self.mlflow = self._start_mlflow(args)
+        log_dir = getattr(args, "log_dir", None)
+        if log_dir or getattr(args, "tensorboard", False):
+            tensorboard = _import_optional("torch.utils.tensorboard", "tensorboard", "tensorboard logging")
+            self.tensorboard = tensorboard.SummaryWriter(log_dir=log_dir or self.output_dir)
+
+    def _start_wandb(self, args):
+        wandb = _import_optional("wandb", "wandb", "--if_wandb")
+        resume_id = getattr(args, "wandb_resume", None)
+        run = wandb.init(project=getattr(args, "wandb_project", None), name=f"exp_{getattr(args, 'model', 'run')}",
+                         id=resume_id, resume="must" if resume_id else None, config=_plain_config(args),
+                         dir=str(self.output_dir) if self.output_dir else None)
+        args.wandb_resume = run.id
+        return wandb
+
+    def _start_mlflow(self, args):
+        mlflow = _import_optional("mlflow", "mlflow-skinny", "--mlflow")
+        if not os.environ.get("MLFLOW_TRACKING_URI"):
+            # mlflow >= 3 defaults to sqlite (needs SQLAlchemy) and gates the file store behind this variable.
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+            mlflow.set_tracking_uri(Path("mlruns").resolve().as_uri())
+        mlflow.start_run(run_name=self.output_dir.name if self.output_dir else None)
+        mlflow.log_params({k: str(v)[:500] for k, v in _plain_config(args).items()})
+        return mlflow
+
+    def log(self, stats, step):
+        """One epoch's stats: a log.txt line, and metrics at `step` for the trackers."""
+        if not self.active:
+            return
+        if self.output_dir:
+            with (self.output_dir / "log.txt").open("a") as f:
+                f.write(json.dumps(stats) + "\n")
+        numbers = {k: float(v) for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self.wandb:
+            self.wandb.log(stats)
+        if self.mlflow:
+            self.mlflow.log_metrics(numbers, step=step)
+        if self.tensorboard:
+            for key, value in numbers.items():
+                self.tensorboard.add_scalar(key, value, step)
+
+    def add_scalar(self, tag, value, step):
+        """Per-iteration scalar (ARM engines log loss/lr this way); tensorboard only, like the official code."""
+        if self.active and self.tensorboard:
+            self.tensorboard.add_scalar(tag, value, step)
+
+    def close(self):
+        """Finish the trackers and draw curves.png next to log.txt."""
+        if not self.active:
+            return
+        if self.wandb:
+            self.wandb.finish()
+        if self.mlflow:
+            self.mlflow.end_run()
+        if self.tensorboard:
+            self.tensorboard.close()
+        log_path = self.output_dir / "log.txt" if self.output_dir else None
+        if log_path and log_path.is_file():
+            plot_curves(log_path, self.output_dir / "curves.png")
