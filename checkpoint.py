@@ -9,7 +9,6 @@ import argparse
 import math
 import os
 import pathlib
-import pickle
 import re
 import tempfile
 import warnings
@@ -56,15 +55,14 @@ def load_checkpoint_file(path, map_location="cpu", trusted=False):
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             checkpoint = torch.load(path, map_location=map_location, weights_only=not trusted)
-    except pickle.UnpicklingError as err:
-        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-        if refused or "weights_only" in str(err).lower() or "Weights only" in str(err):
-            what = refused.group(1) if refused else "an object outside tensors and containers"
-            raise CheckpointError(f"{path}: safe loading refuses {what}; if you trust the file's source, "
-                                  f"load it with trusted=True (full unpickling can run code)") from None
-        raise CheckpointError(f"{path}: not a torch checkpoint ({err})") from None
     except Exception as err:  # parsing arbitrary bytes: the unpickler raises all sorts of errors
-        detail = f"{type(err).__name__}: {str(err).split('. ')[0].strip()}"
+        text = str(err)
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if refused:
+            raise CheckpointError(f"{path}: safe loading refuses {refused.group(1)}; if you trust the file's "
+                                  f"source, load it with trusted=True (full unpickling can run code)") from None
+        unpickler = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+        detail = f"{type(err).__name__}: " + (unpickler.group(1).strip() if unpickler else text.split(". ")[0].strip())
         if "zip archive" in detail or "central directory" in detail or isinstance(err, EOFError):
             problem = "truncated or corrupt file"
         else:
