@@ -59,7 +59,8 @@ def drop_path_rates(drop_path_rate, depth, official_offset=True):
     two layers get 0 and the nominal maximum is never reached. ``official_offset=False`` gives the usual
     ``linspace(0, rate, depth)``.
     """
-    rates = torch.linspace(0, drop_path_rate, depth).tolist()
+    # float32 torch.linspace like the official lists; on the CPU even inside a `torch.device("meta")` block
+    rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
     if official_offset:
         rates = [0.0] + rates[:-1]
     return rates
