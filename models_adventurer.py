@@ -194,7 +194,7 @@ class Adventurer(nn.Module):
         return self.pos_drop(x + self.pos_embed)
 
     def _run_layer(self, layer, x):
-        if self.grad_checkpointing and not torch.jit.is_scripting():
+        if self.grad_checkpointing:
             return torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
         return layer(x)
 
