@@ -40,10 +40,12 @@ __all__ = ["VisionMamba", "ARM", "MODEL_CONFIGS", "create_pretrain_model", "crea
 # Official flags of both ARM classes that have no effect on the computation (SPEC 4.1, 9 item 4).
 INERT_KWARGS = frozenset({
     "rms_norm", "residual_in_fp32", "fused_add_norm", "norm_epsilon", "initializer_cfg", "if_bidirectional",
-    "if_devide_out", "init_layer_scale", "final_pool_type", "if_abs_pos_embed", "if_rope", "if_rope_residual",
-    "if_cls_token", "use_middle_cls_token", "use_double_cls_token", "ft_seq_len", "pt_hw_seq_len",
-    "flip_img_sequences_ratio", "if_bimamba", "device", "dtype", "drop_block_rate",
+    "if_devide_out", "final_pool_type", "ft_seq_len", "pt_hw_seq_len", "flip_img_sequences_ratio", "if_bimamba",
+    "device", "dtype", "drop_block_rate",
 })
+# Official flags whose other values are dead or broken options (SPEC 4.1): only the registered value is built.
+FIXED_KWARGS = {"if_abs_pos_embed": True, "if_cls_token": True, "use_middle_cls_token": True, "if_rope": False,
+                "if_rope_residual": False, "use_double_cls_token": False, "init_layer_scale": None}
 
 # Official sizes (SPEC 3.1, 4.1): the same names build the pretraining and the finetuning model.
 MODEL_CONFIGS = {
@@ -53,10 +55,15 @@ MODEL_CONFIGS = {
 }
 
 
-def _check_inert(kwargs, cls_name):
-    unknown = sorted(set(kwargs) - INERT_KWARGS)
+def _check_official_flags(kwargs, cls_name):
+    """Accept the official constructor flags that change nothing; reject typos and unsupported values."""
+    unknown = sorted(set(kwargs) - INERT_KWARGS - set(FIXED_KWARGS))
     if unknown:
         raise TypeError(f"{cls_name} got unexpected keyword arguments: {', '.join(unknown)}")
+    for name, supported in FIXED_KWARGS.items():
+        if name in kwargs and kwargs[name] != supported:
+            raise ValueError(f"{cls_name} implements only {name}={supported!r} (the official models), "
+                             f"got {kwargs[name]!r}")
 
 
 def _square_size(img_size):
@@ -184,7 +191,7 @@ class VisionMamba(nn.Module):
                  tap_layers=None, dec_depth=4, dec_num_heads=None, **kwargs):
         super().__init__()
         # num_classes and drop_path_rate are official arguments without effect: every block has drop-path 0.
-        _check_inert(kwargs, type(self).__name__)
+        _check_official_flags(kwargs, type(self).__name__)
         self.patch_embed = _make_patch_embed(img_size, patch_size, stride, channels, embed_dim)
         grid = self.patch_embed.grid_size
         if grid % cluster_size:
@@ -324,7 +331,7 @@ class ARM(nn.Module):
                  num_classes=1000, ssm_cfg=None, drop_rate=0.0, drop_path_rate=0.1, bimamba_type="v3",
                  global_pool=False, official_drop_path=True, in_chans=None, **kwargs):
         super().__init__()
-        _check_inert(kwargs, type(self).__name__)
+        _check_official_flags(kwargs, type(self).__name__)
         channels = in_chans if in_chans is not None else channels  # timm passes in_chans
         self.patch_embed = _make_patch_embed(img_size, patch_size, stride, channels, embed_dim)
         num_patches = self.patch_embed.num_patches
@@ -527,7 +534,7 @@ def _config(name):
 
 def create_pretrain_model(name, **kwargs):
     """Pretraining `VisionMamba` for an official name (192 px, decoder 512; kwargs override)."""
-    return VisionMamba(**{**dict(img_size=192, dec_embed_dim=512), **_config(name), **kwargs})
+    return VisionMamba(**{**_config(name), **kwargs})
 
 
 def create_finetune_model(name, **kwargs):
