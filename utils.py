@@ -299,9 +299,12 @@ def _plain_config(args):
 
 
 def plot_curves(log_path, out_path):
-    """Loss and accuracy vs epoch from a log.txt; returns out_path, or None without data or matplotlib."""
+    """Loss and accuracy vs epoch from a log.txt (last line per epoch wins after a resume).
+
+    Returns out_path, or None without plottable keys or without matplotlib.
+    """
     rows = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
-    rows = [row for row in rows if "epoch" in row]
+    rows = sorted({row["epoch"]: row for row in rows if "epoch" in row}.values(), key=lambda row: row["epoch"])
     panels = [(title, [k for k in keys if any(k in row for row in rows)])
               for title, keys in (("loss", ("train_loss", "test_loss")),
                                   ("top-1 accuracy (%)", ("test_acc1", "ema_test_acc1")))]
@@ -310,6 +313,7 @@ def plot_curves(log_path, out_path):
         return None
     try:
         from matplotlib.figure import Figure  # object API: no pyplot, no global backend switch
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         print(f"note: matplotlib is not installed, {out_path} not written (pip install matplotlib)")
         return None
@@ -319,6 +323,7 @@ def plot_curves(log_path, out_path):
             points = [(row["epoch"], row[key]) for row in rows if key in row]
             ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, label=key)
         ax.set(xlabel="epoch", title=title)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
@@ -356,9 +361,13 @@ class ExperimentLogger:
     def _start_wandb(self, args):
         wandb = _import_optional("wandb", "wandb", "--if_wandb")
         resume_id = getattr(args, "wandb_resume", None)
-        run = wandb.init(project=getattr(args, "wandb_project", None), name=f"exp_{getattr(args, 'model', 'run')}",
-                         id=resume_id, resume="must" if resume_id else None, config=_plain_config(args),
-                         dir=str(self.output_dir) if self.output_dir else None)
+        try:
+            run = wandb.init(project=getattr(args, "wandb_project", None), name=f"exp_{getattr(args, 'model', 'run')}",
+                             id=resume_id, resume="must" if resume_id else None, config=_plain_config(args),
+                             dir=str(self.output_dir) if self.output_dir else None)
+        except Exception as err:  # wandb raises its own error types for login/network/resume problems
+            raise SystemExit(f"--if_wandb: wandb could not start a run ({err}); run `wandb login`, set "
+                             f"WANDB_API_KEY, or set WANDB_MODE=offline to log locally") from None
         args.wandb_resume = run.id
         return wandb
 
