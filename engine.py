@@ -24,9 +24,8 @@ class _FirstIterations:
         return min(len(self.loader), self.limit)
 
     def __iter__(self):
-        for step, batch in enumerate(self.loader):
-            if step >= self.limit:
-                return
+        # zip stops on the range first, so no batch beyond the limit is loaded.
+        for _, batch in zip(range(self.limit), self.loader):
             yield batch
 
 

@@ -1,0 +1,628 @@
+"""Adventurer supervised training and evaluation (DeiT-style; official `main.py`, SPEC 6).
+
+Every official flag keeps its name and default. Departures from the official script, all deliberate:
+* runs as one process without a launcher (CPU or one GPU), under torchrun / `torch.distributed.launch
+  --use_env` on nccl or gloo; `--local-rank` and `--local_rank` are both accepted;
+* `--opt`, `--opt-eps` and `--momentum` work (timm `create_optimizer_v2` with the official layer-decay
+  groups); `--resplit` and distillation, which the official code silently ignored or could not run, are
+  rejected with a message;
+* loss scaling follows the precision: fp16 always uses a GradScaler (timm NativeScaler), bf16 and fp32
+  never do (the official code scaled only when `--accum_iter > 1`, so fp16 ran unscaled by default);
+* the EMA weights are evaluated every epoch (`ema_test_*` in log.txt); `best_checkpoint.pth` still follows
+  the raw model as in the official code;
+* the lr per epoch is the official one (timm cosine stepped after each epoch, SPEC 6.10), and a resumed run
+  continues with the lr an uninterrupted run would use (the official resume trained one epoch ahead);
+  timm >= 0.9 schedulers apply each group's `lr_scale` themselves, so the engine does not apply it again;
+* `--finetune` resizes the position table with the class token LAST (Adventurer's layout); the official
+  one-token-shifted resize is opt-in with `--finetune-pos-shift` (SPEC 9.2); a different patch size is an
+  error; keys the model lacks are skipped and reported instead of raising KeyError;
+* `--resume auto` picks the newest complete checkpoint in `--output_dir`; `--save-every-iters N` also saves
+  inside an epoch so a killed job loses at most N iterations.
+"""
+import argparse
+import ast
+import copy
+import datetime
+import difflib
+import time
+from pathlib import Path
+
+import torch
+import torch.backends.cudnn as cudnn
+import torch.distributed as dist
+from timm.data import Mixup
+from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.models import create_model, is_model, list_models
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3, NativeScaler
+
+import checkpoint
+import datasets
+import models_adventurer  # noqa: F401  (registers adventurer_* models in timm)
+import ssm
+import utils
+from augment import new_data_aug_generator
+from engine import evaluate, train_one_epoch
+from samplers import RASampler
+
+# Checkpoint entries a finetune drops when the model lacks them or their shape differs (official list,
+# which includes Mamba-Reg leftovers such as `register`).
+FINETUNE_DROPPABLE = ("head.weight", "head.bias", "head_dist.weight", "head_dist.bias", "cls_token",
+                      "pos_embed_cls", "register", "neck.weight", "norm_neck.weight")
+LR_REFERENCE_BATCH = 512
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("Adventurer training and evaluation script", add_help=False)
+    parser.add_argument("--batch-size", default=64, type=int, help="per-process batch (train and val)")
+    parser.add_argument("--epochs", default=300, type=int)
+    parser.add_argument("--bce-loss", action="store_true",
+                        help="binary cross-entropy on targets thresholded at 0 (needs --smoothing 0)")
+    parser.add_argument("--unscale-lr", action="store_true", help="do not scale --lr by effective batch / 512")
+    parser.add_argument("--accum_iter", default=1, type=int, help="gradient accumulation steps")
+
+    # Model
+    parser.add_argument("--model", default="adventurer_base_patch16_224", type=str, metavar="MODEL")
+    parser.add_argument("--input-size", "--input-szie", dest="input_size", default=224, type=int,
+                        help="image size (--input-szie: the official README's spelling)")
+    parser.add_argument("--drop", type=float, default=0.0, metavar="PCT", help="dropout after the position embedding")
+    parser.add_argument("--drop-path", type=float, default=0.1, metavar="PCT")
+    parser.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="extra model constructor arguments, e.g. depth=2 embed_dim=64 patch_size=4")
+    parser.add_argument("--flip-rule", default="official", choices=["official", "every_two"],
+                        help="which blocks flip the patch order (SPEC 9.1)")
+    parser.add_argument("--ssm-backend", default=None, choices=["auto", "torch", "mamba_ssm"],
+                        help="SSM kernels (default: $SSM_BACKEND or auto)")
+
+    parser.add_argument("--model-ema", action="store_true")
+    parser.add_argument("--no-model-ema", action="store_false", dest="model_ema")
+    parser.set_defaults(model_ema=True)
+    parser.add_argument("--model-ema-decay", type=float, default=0.99996, help="EMA decay per optimiser step")
+    parser.add_argument("--model-ema-force-cpu", action="store_true", default=False, help="keep the EMA on the CPU")
+    parser.add_argument("--load_ema", action="store_true", default=False, help="--finetune from the EMA weights")
+    parser.add_argument("--eval-ema", action="store_true", help="evaluate the EMA weights too (default)")
+    parser.add_argument("--no-eval-ema", action="store_false", dest="eval_ema")
+    parser.set_defaults(eval_ema=True)
+
+    # Optimizer
+    parser.add_argument("--opt", default="adamw", type=str, metavar="OPTIMIZER", help="any timm optimizer name")
+    parser.add_argument("--opt-eps", default=1e-8, type=float, metavar="EPSILON")
+    parser.add_argument("--opt-betas", default=(0.9, 0.999), type=float, nargs="+", metavar="BETA")
+    parser.add_argument("--clip-grad", type=float, default=None, metavar="NORM", help="max gradient norm")
+    parser.add_argument("--momentum", type=float, default=0.9, metavar="M", help="for SGD-style optimizers")
+    parser.add_argument("--weight-decay", type=float, default=0.05)
+
+    # Learning-rate schedule
+    parser.add_argument("--sched", default="cosine", type=str, metavar="SCHEDULER")
+    parser.add_argument("--lr", type=float, default=5e-4, metavar="LR")
+    parser.add_argument("--lr-noise", type=float, nargs="+", default=None, metavar="pct, pct")
+    parser.add_argument("--lr-noise-pct", type=float, default=0.67, metavar="PERCENT")
+    parser.add_argument("--lr-noise-std", type=float, default=1.0, metavar="STDDEV")
+    parser.add_argument("--warmup-lr", type=float, default=1e-6, metavar="LR")
+    parser.add_argument("--min-lr", type=float, default=1e-5, metavar="LR")
+    parser.add_argument("--layer_decay", default=1.0, type=float, help="layer-wise lr decay")
+    parser.add_argument("--decay-epochs", type=float, default=30, metavar="N")
+    parser.add_argument("--warmup-epochs", type=int, default=5, metavar="N")
+    parser.add_argument("--cooldown-epochs", type=int, default=10, metavar="N",
+                        help="accepted; like the official loop, training stops at --epochs")
+    parser.add_argument("--patience-epochs", type=int, default=10, metavar="N")
+    parser.add_argument("--decay-rate", "--dr", type=float, default=0.1, metavar="RATE")
+    parser.add_argument("--sched-timing", default="official", choices=["official", "per-epoch-start"],
+                        help="official: step after each epoch (epochs 0 and 1 both at --warmup-lr); "
+                             "per-epoch-start: epoch e trains at the schedule's value for e")
+
+    # Augmentation
+    parser.add_argument("--color-jitter", type=float, default=0.3, metavar="PCT")
+    parser.add_argument("--aa", type=str, default="rand-m9-mstd0.5-inc1", metavar="NAME")
+    parser.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+    parser.add_argument("--train-interpolation", type=str, default="bicubic")
+    parser.add_argument("--repeated-aug", action="store_true")
+    parser.add_argument("--no-repeated-aug", action="store_false", dest="repeated_aug")
+    parser.set_defaults(repeated_aug=True)
+    parser.add_argument("--train-mode", action="store_true")
+    parser.add_argument("--no-train-mode", action="store_false", dest="train_mode")
+    parser.set_defaults(train_mode=True)
+    parser.add_argument("--ThreeAugment", action="store_true")
+    parser.add_argument("--src", action="store_true", help="simple random crop inside ThreeAugment")
+    parser.add_argument("--reprob", type=float, default=0.25, metavar="PCT", help="random erasing probability")
+    parser.add_argument("--remode", type=str, default="pixel")
+    parser.add_argument("--recount", type=int, default=1)
+    parser.add_argument("--resplit", action="store_true", default=False, help="not supported (rejected)")
+    parser.add_argument("--mixup", type=float, default=0.8)
+    parser.add_argument("--cutmix", type=float, default=1.0)
+    parser.add_argument("--cutmix-minmax", type=float, nargs="+", default=None)
+    parser.add_argument("--mixup-prob", type=float, default=1.0)
+    parser.add_argument("--mixup-switch-prob", type=float, default=0.5)
+    parser.add_argument("--mixup-mode", type=str, default="batch")
+
+    # Distillation: accepted for command-line compatibility, only "none" runs (SPEC 9.13)
+    parser.add_argument("--teacher-model", default="regnety_160", type=str, metavar="MODEL")
+    parser.add_argument("--teacher-path", type=str, default="")
+    parser.add_argument("--distillation-type", default="none", choices=["none", "soft", "hard"], type=str)
+    parser.add_argument("--distillation-alpha", default=0.5, type=float)
+    parser.add_argument("--distillation-tau", default=1.0, type=float)
+
+    # Initialisation
+    parser.add_argument("--finetune", default="", help="initialise from this checkpoint (SPEC 6.4)")
+    parser.add_argument("--finetune-pos-shift", action="store_true",
+                        help="official one-token-shifted position resize (default: class token kept last)")
+
+    # Data
+    parser.add_argument("--data-path", default="/datasets01/imagenet_full_size/061417/", type=str)
+    parser.add_argument("--data-set", default="IMNET", choices=list(datasets.DATA_SETS), type=str)
+    parser.add_argument("--inat-category", default="name", type=str,
+                        choices=["kingdom", "phylum", "class", "order", "supercategory", "family", "genus", "name"])
+    parser.add_argument("--bad-images", default="error", choices=list(datasets.BAD_IMAGE_MODES),
+                        help="unreadable image: stop naming it, or skip it with a warning")
+
+    # Run
+    parser.add_argument("--output_dir", default="", help="where to save checkpoints and log.txt; empty: nowhere")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--seed", default=0, type=int)
+    parser.add_argument("--resume", default="", help="checkpoint path or https URL; 'auto': newest in --output_dir")
+    parser.add_argument("--start_epoch", default=0, type=int, metavar="N")
+    parser.add_argument("--save-every-iters", default=0, type=int, metavar="N",
+                        help="also save checkpoint.pth every N iterations inside an epoch (0: off)")
+    parser.add_argument("--eval", action="store_true", help="evaluate only")
+    parser.add_argument("--eval-crop-ratio", default=0.875, type=float, help="eval resize = input size / ratio")
+    parser.add_argument("--dist-eval", action="store_true", default=False, help="shard the validation set")
+    parser.add_argument("--num_workers", default=10, type=int)
+    parser.add_argument("--pin-mem", action="store_true")
+    parser.add_argument("--no-pin-mem", action="store_false", dest="pin_mem")
+    parser.set_defaults(pin_mem=True)
+    parser.add_argument("--max-iters-per-epoch", default=None, type=int, metavar="N",
+                        help="stop each training epoch after N iterations (tests, debugging)")
+
+    # Distributed
+    parser.add_argument("--distributed", action="store_true", default=False, help="set by the launcher")
+    parser.add_argument("--world_size", default=1, type=int)
+    parser.add_argument("--dist_url", default="env://")
+    parser.add_argument("--local-rank", "--local_rank", dest="local_rank", default=0, type=int,
+                        help="accepted for launchers that pass it; LOCAL_RANK from the environment wins")
+
+    # Precision and logging
+    parser.add_argument("--amp", default="bfloat16", choices=["bfloat16", "float16", "none", ""],
+                        help="autocast dtype; float16 adds a GradScaler; none or '' disables autocast")
+    parser.add_argument("--log-every", default=10, type=int, metavar="N", help="progress line every N iterations")
+    parser.add_argument("--if_wandb", action="store_true")
+    parser.add_argument("--disable_wandb", action="store_false", dest="if_wandb")
+    parser.set_defaults(if_wandb=False)
+    parser.add_argument("--wandb_resume", default=None, help="wandb run id to continue")
+    parser.add_argument("--mlflow", action="store_true", help="log params and metrics to mlflow (./mlruns)")
+    parser.add_argument("--tensorboard", action="store_true", help="TensorBoard events in --output_dir")
+    return parser
+
+
+def parse_model_kwargs(items):
+    """['depth=2', 'embed_dim=64', 'norm=rms'] -> {'depth': 2, 'embed_dim': 64, 'norm': 'rms'}."""
+    kwargs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--model-kwargs expects KEY=VALUE items, got {item!r}")
+        try:
+            kwargs[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            kwargs[key] = value
+    for key, flag in (("num_classes", "the data set"), ("img_size", "--input-size")):
+        if key in kwargs:
+            raise SystemExit(f"--model-kwargs {key}=... is set by {flag}; remove it")
+    return kwargs
+
+
+def check_args(args):
+    """Reject settings the official code silently ignored or could not run."""
+    if args.distillation_type != "none":
+        raise SystemExit("--distillation-type soft/hard is not supported: Adventurer models return one output, "
+                         "so the official DistillationLoss could never run; use --distillation-type none")
+    if args.resplit:
+        raise SystemExit("--resplit is not supported (the official script accepted and ignored it)")
+    if args.bce_loss and args.smoothing > 0:
+        raise SystemExit("--bce-loss thresholds targets at 0 (official), which turns smoothed targets into all "
+                         "ones; pass --smoothing 0.0 with --bce-loss")
+    if args.accum_iter < 1:
+        raise SystemExit(f"--accum_iter must be >= 1, got {args.accum_iter}")
+    if args.sched_timing != "official" and args.sched == "plateau":
+        raise SystemExit("--sched plateau needs the validation metric, so it only runs with --sched-timing official")
+    if args.save_every_iters and args.save_every_iters % args.accum_iter:
+        raise SystemExit("--save-every-iters must be a multiple of --accum_iter (saves happen after optimiser steps)")
+    if args.resume == "auto" and not args.output_dir:
+        raise SystemExit("--resume auto looks for checkpoints in --output_dir; set --output_dir")
+
+
+def resolve_device(args):
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device} asked for CUDA, which is not available here; pass --device cpu")
+    return device
+
+
+def build_model(args):
+    if not is_model(args.model):
+        names = list_models()
+        close = difflib.get_close_matches(args.model, names, n=5, cutoff=0.6) or list_models("adventurer*")
+        raise SystemExit(f"unknown model '{args.model}'; close matches: {', '.join(close)}")
+    print(f"Creating model: {args.model}")
+    return create_model(args.model, pretrained=False, num_classes=args.nb_classes, drop_rate=args.drop,
+                        drop_path_rate=args.drop_path, drop_block_rate=None, img_size=args.input_size,
+                        flip_rule=args.flip_rule, **parse_model_kwargs(args.model_kwargs))
+
+
+def load_checkpoint_container(path):
+    """A checkpoint dict from a local file or an https URL, with safe (weights-only) unpickling."""
+    if str(path).startswith("https"):
+        with torch.serialization.safe_globals(checkpoint.SAFE_GLOBALS):
+            return torch.hub.load_state_dict_from_url(path, map_location="cpu", check_hash=True, weights_only=True)
+    return checkpoint.load_checkpoint_file(path)
+
+
+def _grid(model):
+    grid = model.patch_embed.grid_size
+    return (grid, grid) if isinstance(grid, int) else tuple(grid)
+
+
+def load_finetune_weights(model, args):
+    """--finetune (SPEC 6.4): another stage's weights, with head and position table adapted to this model."""
+    source = args.finetune
+    state_dict = checkpoint.extract_state_dict(load_checkpoint_container(source),
+                                               key="model_ema" if args.load_ema else None)
+    target = model.state_dict()
+    patch_key = "patch_embed.proj.weight"
+    if patch_key in state_dict and state_dict[patch_key].shape[-2:] != target[patch_key].shape[-2:]:
+        raise checkpoint.CheckpointError(
+            f"{source}: patch size {tuple(state_dict[patch_key].shape[-2:])} differs from the model's "
+            f"{tuple(target[patch_key].shape[-2:])}; pick a --model (or --model-kwargs patch_size=...) that matches")
+    for key in FINETUNE_DROPPABLE:
+        if key in state_dict and (key not in target or state_dict[key].shape != target[key].shape):
+            print(f"Removing key {key} from pretrained checkpoint")
+            del state_dict[key]
+    if "pos_embed" in state_dict and state_dict["pos_embed"].shape != target["pos_embed"].shape:
+        cls_position = "first" if args.finetune_pos_shift else "last"
+        old = tuple(state_dict["pos_embed"].shape)
+        state_dict["pos_embed"] = checkpoint.resize_pos_embed(state_dict["pos_embed"], _grid(model),
+                                                              cls_position=cls_position)
+        print(f"Resized pos_embed {old} -> {tuple(state_dict['pos_embed'].shape)} (cls_position={cls_position})")
+    missing, unexpected = checkpoint.load_state_dict_strict(model, state_dict, strict=False, source=source)
+    print(f"Finetuning from {source}: loaded {len(state_dict) - len(unexpected)} tensors"
+          + (f"; kept at initialisation: {', '.join(missing)}" if missing else "")
+          + (f"; ignored from the checkpoint: {', '.join(unexpected)}" if unexpected else ""))
+
+
+class EpochSeededRandomSampler(torch.utils.data.RandomSampler):
+    """RandomSampler whose order depends only on (seed, epoch), so a resumed epoch sees the same order."""
+
+    def __init__(self, dataset, seed=0):
+        super().__init__(dataset, generator=torch.Generator())
+        self.seed = seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch):
+        self.generator.manual_seed(self.seed * 100_003 + epoch)
+
+
+class SkipFirst(torch.utils.data.Sampler):
+    """The sampler's stream without its first `count` indices (the part of an epoch already trained)."""
+
+    def __init__(self, sampler, count):
+        self.sampler, self.count = sampler, count
+
+    def __len__(self):
+        return max(len(self.sampler) - self.count, 0)
+
+    def __iter__(self):
+        for position, index in enumerate(self.sampler):
+            if position >= self.count:
+                yield index
+
+
+class SavingEvery:
+    """Yields the loader's batches and calls `save(done)` each time `every` more iterations have finished.
+
+    The engine asks for batch k+1 only after batch k's optimiser step and EMA update, so a save issued
+    then holds exactly k trained iterations.
+    """
+
+    def __init__(self, loader, every, save, already_done=0):
+        self.loader, self.every, self.save, self.already_done = loader, every, save, already_done
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for position, batch in enumerate(self.loader):
+            done = self.already_done + position
+            if position and done % self.every == 0:
+                self.save(done)
+            yield batch
+
+
+def build_data(args):
+    """Datasets, samplers and loaders (SPEC 6.2); sets args.nb_classes."""
+    dataset_val, args.nb_classes = datasets.build_dataset(is_train=False, args=args)
+    distributed = args.distributed
+    world_size, rank = utils.get_world_size(), utils.get_rank()
+    if distributed and args.dist_eval:
+        if len(dataset_val) % world_size:
+            print("Warning: the validation set does not split evenly over the processes; some samples are "
+                  "evaluated twice, which shifts the reported numbers slightly")
+        sampler_val = torch.utils.data.DistributedSampler(dataset_val, world_size, rank, shuffle=False)
+    else:
+        sampler_val = torch.utils.data.SequentialSampler(dataset_val)
+    loader_val = torch.utils.data.DataLoader(dataset_val, sampler=sampler_val, batch_size=args.batch_size,
+                                             num_workers=args.num_workers, pin_memory=args.pin_mem, drop_last=False)
+    if args.eval:
+        return None, None, dataset_val, loader_val
+
+    dataset_train, _ = datasets.build_dataset(is_train=True, args=args)
+    if args.ThreeAugment:
+        dataset_train.transform = new_data_aug_generator(args)
+    if distributed and args.repeated_aug:
+        sampler_train = RASampler(dataset_train, num_replicas=world_size, rank=rank, shuffle=True)
+    elif distributed:
+        sampler_train = torch.utils.data.DistributedSampler(dataset_train, world_size, rank, shuffle=True,
+                                                            seed=args.seed)
+    else:
+        sampler_train = EpochSeededRandomSampler(dataset_train, seed=args.seed)
+    if len(sampler_train) < args.batch_size:
+        raise SystemExit(f"{len(sampler_train)} training samples per process is less than one batch of "
+                         f"{args.batch_size} (batches are full, drop_last); lower --batch-size")
+    return sampler_train, dataset_train, dataset_val, loader_val
+
+
+def train_loader(args, dataset_train, sampler):
+    return torch.utils.data.DataLoader(dataset_train, sampler=sampler, batch_size=args.batch_size,
+                                       num_workers=args.num_workers, pin_memory=args.pin_mem, drop_last=True)
+
+
+def build_criterion(args, mixup_active):
+    """Official choice (SPEC 6.3); --bce-loss thresholds targets at 0 like the official `targets.gt(0)`."""
+    if args.bce_loss:
+        return BinaryCrossEntropy(smoothing=0.0, target_threshold=0.0)
+    if mixup_active:
+        return SoftTargetCrossEntropy()  # smoothing is already in Mixup's targets
+    if args.smoothing > 0:
+        return LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    return torch.nn.CrossEntropyLoss()
+
+
+def scaled_lr(args, world_size):
+    """Linear scaling rule: lr x effective batch / 512, unless --unscale-lr."""
+    if args.unscale_lr:
+        return args.lr
+    return args.lr * args.batch_size * args.accum_iter * world_size / LR_REFERENCE_BATCH
+
+
+def build_optimizer(args, model):
+    """timm optimizer over the official layer-decay groups (built even for layer_decay 1.0, as officially)."""
+    extra = {"eps": args.opt_eps, "betas": tuple(args.opt_betas)}
+    return create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
+                               momentum=args.momentum, layer_decay=args.layer_decay, **extra)
+
+
+def create_lr_scheduler(args, optimizer):
+    """timm per-epoch scheduler with the official settings (bit-identical to timm 0.4.12 create_scheduler).
+
+    It writes `value x lr_scale` into every group itself, so the engine runs with layer_scaled_lr=False.
+    """
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
+        cooldown_epochs=args.cooldown_epochs, patience_epochs=args.patience_epochs, decay_rate=args.decay_rate,
+        min_lr=args.min_lr, warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs,
+        noise=args.lr_noise, noise_pct=args.lr_noise_pct, noise_std=args.lr_noise_std, noise_seed=args.seed,
+        cycle_decay=args.decay_rate, cycle_limit=1)
+    return scheduler
+
+
+def step_lr_scheduler(args, lr_scheduler, epoch, moment, metric=None):
+    """Official timing: step(epoch) after epoch `epoch`, so epoch e >= 1 trains at t = e - 1 (SPEC 6.3).
+
+    per-epoch-start: step(epoch) before it, so epoch e trains at t = e.
+    """
+    if moment == ("end" if args.sched_timing == "official" else "start"):
+        lr_scheduler.step(epoch, metric)
+
+
+def training_state(model, optimizer, lr_scheduler, epoch, model_ema, loss_scaler, args):
+    """The official checkpoint layout (SPEC 5.4), so official and our checkpoints resume in either code."""
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "lr_scheduler": lr_scheduler.state_dict(),
+        "epoch": epoch,
+        "model_ema": model_ema.module.state_dict() if model_ema is not None else None,
+        "scaler": loss_scaler.state_dict() if loss_scaler is not None else "none",
+        "args": args,
+    }
+
+
+def resolve_resume(args):
+    if args.resume != "auto":
+        return args.resume
+    found = checkpoint.latest_checkpoint(args.output_dir)
+    if found is None:
+        print(f"--resume auto: no checkpoint in {args.output_dir}, starting from scratch")
+        return ""
+    print(f"--resume auto: resuming from {found}")
+    return str(found)
+
+
+def resume_training(args, ckpt, model, optimizer, lr_scheduler, model_ema, loss_scaler):
+    """Restore the training state; returns (start_epoch, iterations of that epoch already done)."""
+    for name, target in (("optimizer", optimizer), ("lr_scheduler", lr_scheduler)):
+        try:
+            target.load_state_dict(ckpt[name])
+        except (ValueError, KeyError) as err:
+            raise checkpoint.CheckpointError(f"{args.resume}: cannot restore the {name} ({err}); resume with the "
+                                             "flags of the original run (--opt, --layer_decay, --sched)") from None
+    if model_ema is not None:
+        if isinstance(ckpt.get("model_ema"), dict):
+            checkpoint.load_state_dict_strict(model_ema.module, checkpoint.extract_state_dict(ckpt, "model_ema"),
+                                              source=f"{args.resume} (model_ema)")
+        else:
+            model_ema.set(model)
+    if loss_scaler is not None and isinstance(ckpt.get("scaler"), dict):
+        loss_scaler.load_state_dict(ckpt["scaler"])
+    return ckpt["epoch"] + 1, int(ckpt.get("iteration", 0))
+
+
+def evaluate_models(args, loader_val, model, model_ema, device, amp_dtype):
+    """Raw model and (if any) EMA weights -> {'test_*': ..., 'ema_test_*': ...}."""
+    print_freq = args.log_every
+    stats = {f"test_{k}": v for k, v in evaluate(loader_val, model, device, amp_dtype, print_freq).items()}
+    if model_ema is not None:
+        ema_device = next(model_ema.parameters()).device
+        ema_stats = evaluate(loader_val, model_ema, ema_device, amp_dtype, print_freq, header="Test (EMA):")
+        stats.update({f"ema_test_{k}": v for k, v in ema_stats.items()})
+    return stats
+
+
+def run(args):
+    utils.init_distributed_mode(args)
+    print(args)
+    check_args(args)
+    if args.ssm_backend:
+        ssm.set_backend(args.ssm_backend)
+    device = resolve_device(args)
+    utils.seed_everything(args.seed + utils.get_rank())
+    cudnn.benchmark = True
+
+    sampler_train, dataset_train, dataset_val, loader_val = build_data(args)
+    model = build_model(args)
+    if args.finetune:
+        load_finetune_weights(model, args)
+    model.to(device)
+    model_without_ddp = model
+    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(model)
+    print("number of params:", n_parameters)
+
+    amp_dtype = utils.parse_amp(args.amp)
+    resume_path = resolve_resume(args)
+    ckpt = load_checkpoint_container(resume_path) if resume_path else None
+    if ckpt is not None:
+        checkpoint.load_state_dict_strict(model, checkpoint.extract_state_dict(ckpt), source=resume_path)
+
+    logger = utils.ExperimentLogger(args, args.output_dir)
+    if args.eval:
+        ema_model = None
+        if args.eval_ema and ckpt is not None and isinstance(ckpt.get("model_ema"), dict):
+            ema_model = copy.deepcopy(model)
+            checkpoint.load_state_dict_strict(ema_model, checkpoint.extract_state_dict(ckpt, "model_ema"),
+                                              source=f"{resume_path} (model_ema)")
+        stats = evaluate_models(args, loader_val, model, ema_model, device, amp_dtype)
+        print(f"Accuracy of the network on the {len(dataset_val)} test images: {stats['test_acc1']:.1f}%")
+        if ema_model is not None:
+            print(f"Accuracy of the EMA weights on the {len(dataset_val)} test images: {stats['ema_test_acc1']:.1f}%")
+        logger.log({**stats, "eval": True, "checkpoint": resume_path}, step=0)
+        logger.close()
+        return {"model": model, "stats": stats}
+
+    mixup_fn = None
+    mixup_active = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+    if mixup_active:
+        if args.batch_size % 2:
+            raise SystemExit(f"mixup/cutmix pair each image with the batch reversed: --batch-size must be even, "
+                             f"got {args.batch_size}")
+        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                         prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                         label_smoothing=args.smoothing, num_classes=args.nb_classes)
+    criterion = build_criterion(args, mixup_active)
+
+    # The EMA starts from the weights training starts from (after --finetune / --resume loading).
+    model_ema = None
+    if args.model_ema:
+        model_ema = ModelEmaV3(model, decay=args.model_ema_decay,
+                               device=torch.device("cpu") if args.model_ema_force_cpu else None)
+    if args.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[args.gpu] if device.type == "cuda" else None)
+
+    args.lr = scaled_lr(args, utils.get_world_size())
+    optimizer = build_optimizer(args, model_without_ddp)
+    loss_scaler = NativeScaler(device=device.type) if amp_dtype == torch.float16 else None
+    lr_scheduler = create_lr_scheduler(args, optimizer)
+
+    resume_iteration = 0
+    if ckpt is not None and all(k in ckpt for k in ("optimizer", "lr_scheduler", "epoch")):
+        args.start_epoch, resume_iteration = resume_training(
+            args, ckpt, model_without_ddp, optimizer, lr_scheduler, model_ema, loss_scaler)
+        # The lr an uninterrupted run would use for start_epoch (the official resume used one epoch later).
+        if args.sched_timing == "official" and args.start_epoch > 0:
+            lr_scheduler.step(args.start_epoch - 1)
+        print(f"Resumed {resume_path} at epoch {args.start_epoch}"
+              + (f", iteration {resume_iteration}" if resume_iteration else ""))
+    max_accuracy = float(ckpt.get("max_accuracy", 0.0)) if ckpt is not None and "optimizer" in ckpt else 0.0
+    del ckpt
+
+    output_dir = Path(args.output_dir) if args.output_dir else None
+
+    def save(name, epoch, iteration=None):
+        if output_dir is None:
+            return
+        state = training_state(model_without_ddp, optimizer, lr_scheduler, epoch, model_ema, loss_scaler, args)
+        state["max_accuracy"] = max_accuracy  # extra entry: the best-checkpoint bar survives a resume
+        if iteration is not None:
+            state["iteration"] = iteration  # iterations of epoch `epoch + 1` already trained
+        checkpoint.save_checkpoint(state, output_dir / name)
+
+    print(f"Start training for {args.epochs} epochs.")
+    start_time = time.time()
+    ema_max_accuracy = 0.0
+    log_stats = {}
+    for epoch in range(args.start_epoch, args.epochs):
+        sampler_train.set_epoch(epoch)
+        step_lr_scheduler(args, lr_scheduler, epoch, "start")
+        skip = resume_iteration if epoch == args.start_epoch else 0
+        sampler = SkipFirst(sampler_train, skip * args.batch_size) if skip else sampler_train
+        loader = train_loader(args, dataset_train, sampler)
+        if args.save_every_iters and output_dir is not None:
+            loader = SavingEvery(loader, args.save_every_iters,
+                                 lambda done, epoch=epoch: save("checkpoint.pth", epoch - 1, done), skip)
+        max_iters = None if args.max_iters_per_epoch is None else max(args.max_iters_per_epoch - skip, 0)
+
+        train_stats = train_one_epoch(
+            model, criterion, loader, optimizer, device, epoch, loss_scaler, amp_dtype=amp_dtype,
+            clip_grad=args.clip_grad, accum_iter=args.accum_iter, model_ema=model_ema, mixup_fn=mixup_fn,
+            print_freq=args.log_every, train_mode=args.train_mode, max_iters=max_iters)
+
+        test_stats = evaluate_models(args, loader_val, model, model_ema if args.eval_ema else None,
+                                     device, amp_dtype)
+        step_lr_scheduler(args, lr_scheduler, epoch, "end", metric=test_stats["test_acc1"])
+        save("checkpoint.pth", epoch)
+        print(f"Accuracy of the network on the {len(dataset_val)} test images: {test_stats['test_acc1']:.1f}%")
+        if test_stats["test_acc1"] > max_accuracy:
+            max_accuracy = test_stats["test_acc1"]
+            save("best_checkpoint.pth", epoch)
+        print(f"Max accuracy: {max_accuracy:.2f}%")
+        if "ema_test_acc1" in test_stats:
+            ema_max_accuracy = max(ema_max_accuracy, test_stats["ema_test_acc1"])
+            print(f"EMA accuracy: {test_stats['ema_test_acc1']:.2f}%, max {ema_max_accuracy:.2f}%")
+
+        log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, **test_stats,
+                     "epoch": epoch, "n_parameters": n_parameters}
+        logger.log(log_stats, step=epoch)
+
+    logger.close()
+    total_time = time.time() - start_time
+    print(f"Training time {datetime.timedelta(seconds=int(total_time))}")
+    return {"model": model_without_ddp, "model_ema": model_ema, "stats": log_stats, "max_accuracy": max_accuracy}
+
+
+def main(args):
+    """Train or evaluate; data and checkpoint problems end the run with one line instead of a traceback."""
+    try:
+        return run(args)
+    except (datasets.DatasetError, checkpoint.CheckpointError, ssm.BackendUnavailableError) as err:
+        raise SystemExit(f"error: {err}") from None
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser("Adventurer training and evaluation script", parents=[get_args_parser()])
+    args = parser.parse_args()
+    if args.output_dir:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    main(args)
