@@ -25,7 +25,6 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 __all__ = [
     "Mamba2", "Mamba1", "GatedRMSNorm", "ssd_chunked", "selective_scan", "column_order",
@@ -115,6 +114,26 @@ def _scan_chunk(u, delta, A, B, C, state):
     return y, states[:, :, :, -1]
 
 
+class _RecomputedChunk(torch.autograd.Function):
+    """One scan chunk that keeps only its inputs for backward and recomputes the rest there.
+
+    A chunk's (b, g, d, l, n) intermediates would otherwise dominate training memory. (A hand-rolled
+    checkpoint: torch.utils.checkpoint's first call imports torch._dynamo, seconds on small machines.)
+    """
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        ctx.save_for_backward(*inputs)
+        return _scan_chunk(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_state):
+        inputs = [t.detach().requires_grad_() for t in ctx.saved_tensors]
+        with torch.enable_grad(), torch.autocast(grad_y.device.type, enabled=False):
+            outputs = _scan_chunk(*inputs)
+        return torch.autograd.grad(outputs, inputs, (grad_y, grad_state))
+
+
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, chunk_len=SCAN_CHUNK):
     """Mamba-1 selective scan with selective_scan_fn's interface and delta_softplus=True semantics.
 
@@ -122,7 +141,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, chunk_len
     [k*d/g, (k+1)*d/g) (how the four v3 directions share one call); D, delta_bias (d,).
     Returns y = (scan + D u) * SiLU(z) in u's dtype. The scan runs chunk by chunk (a short loop over
     l / chunk_len chunks carrying the state, never over tokens), each chunk recomputed in backward
-    (activation checkpointing) so training memory stays O(b d l) instead of O(b d l n log l).
+    (`_RecomputedChunk`) so training memory stays O(b d l) instead of O(b d l n log l).
     """
     dtype = u.dtype
     with torch.autocast(u.device.type, enabled=False):
@@ -143,10 +162,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, chunk_len
         for start in range(0, seqlen, chunk_len):
             part = slice(start, start + chunk_len)
             args = (u_g[..., part], delta_g[..., part], A_grouped, B[..., part], C[..., part], state)
-            if recompute:
-                y, state = checkpoint(_scan_chunk, *args, use_reentrant=False, preserve_rng_state=False)
-            else:
-                y, state = _scan_chunk(*args)
+            y, state = _RecomputedChunk.apply(*args) if recompute else _scan_chunk(*args)
             outputs.append(y)
         y = torch.cat(outputs, dim=-1).reshape(batch, dim, seqlen)
         if D is not None:

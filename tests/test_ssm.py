@@ -1,0 +1,392 @@
+"""ssm.py: the torch scans against per-token recurrences, the mixers' layout/init, and backend dispatch."""
+import math
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ssm
+
+
+@pytest.fixture(autouse=True)
+def fresh_backend_state(monkeypatch):
+    """Each test starts from "auto" with no env override and nothing announced yet."""
+    monkeypatch.delenv("SSM_BACKEND", raising=False)
+    monkeypatch.setattr(ssm, "_backend_override", None)
+    monkeypatch.setattr(ssm, "_announced", set())
+
+
+def assert_close_rel(actual, expected, tol, what="output"):
+    """Max abs error within tol * max|expected| (scale-free, for values and gradients alike)."""
+    scale = expected.abs().max().item() + 1e-12
+    err = (actual.double() - expected.double()).abs().max().item()
+    assert err <= tol * scale, f"{what}: max error {err:.3g} exceeds {tol:g} x scale {scale:.3g}"
+
+
+def grads(output, inputs, seed=0):
+    """Gradients of a fixed random projection of `output` w.r.t. `inputs`."""
+    weight = torch.randn(output.shape, generator=torch.Generator().manual_seed(seed))
+    return torch.autograd.grad((output * weight.to(output.dtype)).sum(), inputs)
+
+
+def leaves(*tensors, dtype=None):
+    return [t.detach().to(dtype or t.dtype).requires_grad_() for t in tensors]
+
+
+# ---------------------------------------------------------------------------------- test-only references
+
+def ssd_recurrence(x, dt, A, B, C):
+    """S_t = exp(dt_t A) S_{t-1} + dt_t x_t B_t^T, y_t = S_t C_t per head (the SPEC 1.5 definition)."""
+    heads_per_group = x.shape[2] // B.shape[2]
+    B, C = B.repeat_interleave(heads_per_group, 2), C.repeat_interleave(heads_per_group, 2)
+    state = x.new_zeros(x.shape[0], x.shape[2], x.shape[3], B.shape[-1])
+    ys = []
+    for t in range(x.shape[1]):
+        state = torch.exp(dt[:, t] * A)[..., None, None] * state \
+            + (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, :, None, :]
+        ys.append((state * C[:, t, :, None, :]).sum(-1))
+    return torch.stack(ys, 1)
+
+
+def selective_scan_recurrence(u, delta, A, B, C, D, z, delta_bias):
+    """h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t, y_t = C_t . h_t + D u_t, gated by SiLU(z) (SPEC 1.6)."""
+    delta = F.softplus(delta + delta_bias[:, None])
+    if B.dim() == 3:
+        B, C = B[:, None], C[:, None]
+    per_group = u.shape[1] // B.shape[1]
+    B, C = B.repeat_interleave(per_group, 1), C.repeat_interleave(per_group, 1)  # (b, d, n, l)
+    h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
+    ys = []
+    for t in range(u.shape[-1]):
+        h = torch.exp(delta[..., t, None] * A) * h + (delta[..., t] * u[..., t])[..., None] * B[..., t]
+        ys.append((h * C[..., t]).sum(-1))
+    return (torch.stack(ys, -1) + D[:, None] * u) * F.silu(z)
+
+
+def ssd_inputs(length, batch=2, nheads=4, headdim=3, ngroups=2, dstate=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, length, nheads, headdim, generator=g)
+    dt = F.softplus(torch.randn(batch, length, nheads, generator=g) - 1)
+    A = -torch.rand(nheads, generator=g) * 4 - 0.1
+    B = torch.randn(batch, length, ngroups, dstate, generator=g)
+    C = torch.randn(batch, length, ngroups, dstate, generator=g)
+    return x, dt, A, B, C
+
+
+def scan_inputs(length, batch=2, dim=6, dstate=4, ngroups=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(batch, dim, length, generator=g)
+    delta = torch.randn(batch, dim, length, generator=g)
+    A = -torch.arange(1, dstate + 1.0).repeat(dim, 1) * torch.rand(dim, 1, generator=g)
+    B = torch.randn(batch, ngroups, dstate, length, generator=g)
+    C = torch.randn(batch, ngroups, dstate, length, generator=g)
+    if ngroups == 1:
+        B, C = B[:, 0], C[:, 0]
+    D = torch.randn(dim, generator=g)
+    z = torch.randn(batch, dim, length, generator=g)
+    delta_bias = torch.randn(dim, generator=g) - 2
+    return u, delta, A, B, C, D, z, delta_bias
+
+
+# ---------------------------------------------------------------------------------- Mamba-2 SSD
+
+@pytest.mark.parametrize("length", [1, 17, 255, 256, 257, 600])
+def test_ssd_matches_recurrence_forward_and_backward(length):
+    inputs = ssd_inputs(length)
+    ref = leaves(*inputs, dtype=torch.float64)
+    y_ref = ssd_recurrence(*ref)
+    grads_ref = grads(y_ref, ref)
+    for chunk_size in (256, 16):  # the official chunk, and many chunks to exercise the state passing
+        ours = leaves(*inputs)
+        y = ssm.ssd_chunked(*ours, chunk_size=chunk_size)
+        assert y.shape == y_ref.shape and y.dtype == torch.float32
+        assert_close_rel(y, y_ref, 1e-5, f"chunk {chunk_size}")
+        for name, g, g_ref in zip("x dt A B C".split(), grads(y, ours), grads_ref):
+            assert_close_rel(g, g_ref, 1e-4, f"chunk {chunk_size} grad {name}")
+
+
+def test_ssd_keeps_state_math_in_fp32_under_autocast():
+    x, dt, A, B, C = ssd_inputs(300)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ssm.ssd_chunked(x, dt, A, B, C, chunk_size=64)
+    assert y.dtype == torch.float32
+    assert_close_rel(y, ssd_recurrence(*(t.double() for t in (x, dt, A, B, C))), 1e-5)
+
+
+# ---------------------------------------------------------------------------------- Mamba-1 selective scan
+
+@pytest.mark.parametrize("length,ngroups,chunk_len", [(1, 1, 64), (17, 1, 64), (64, 2, 64), (65, 1, 64),
+                                                      (200, 2, 64), (37, 3, 8)])
+def test_selective_scan_matches_recurrence_forward_and_backward(length, ngroups, chunk_len):
+    inputs = scan_inputs(length, ngroups=ngroups)
+    ours = leaves(*inputs)
+    ref = leaves(*inputs, dtype=torch.float64)
+    y = ssm.selective_scan(*ours[:6], z=ours[6], delta_bias=ours[7], chunk_len=chunk_len)
+    y_ref = selective_scan_recurrence(*ref)
+    assert y.shape == y_ref.shape and y.dtype == torch.float32
+    assert_close_rel(y, y_ref, 1e-5)
+    names = "u delta A B C D z delta_bias".split()
+    for name, g, g_ref in zip(names, grads(y, ours), grads(y_ref, ref)):
+        assert_close_rel(g, g_ref, 1e-4, f"grad {name}")
+
+
+def test_selective_scan_bf16_autocast_is_close_and_returns_input_dtype():
+    u, delta, A, B, C, D, z, delta_bias = scan_inputs(130, ngroups=2)
+    low = [t.bfloat16() for t in (u, delta, B, C, z)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ssm.selective_scan(low[0], low[1], A, low[2], low[3], D, z=low[4], delta_bias=delta_bias)
+    assert y.dtype == torch.bfloat16
+    # same bf16-rounded inputs in float64: only the final rounding to bf16 may differ
+    exact = selective_scan_recurrence(low[0].double(), low[1].double(), A.double(), low[2].double(),
+                                      low[3].double(), D.double(), low[4].double(), delta_bias.double())
+    assert_close_rel(y, exact, 1e-2)
+    ours = leaves(low[0], low[1], A, low[2], low[3])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ssm.selective_scan(*ours, D, z=low[4], delta_bias=delta_bias)
+    exact_leaves = leaves(*(t.double() for t in (low[0], low[1], A, low[2], low[3])))
+    y_exact = selective_scan_recurrence(*exact_leaves, D.double(), low[4].double(), delta_bias.double())
+    for g, g_ref in zip(grads(y.float(), ours), grads(y_exact, exact_leaves)):
+        assert_close_rel(g, g_ref, 3e-2)
+
+
+# ---------------------------------------------------------------------------------- mixers vs references
+
+def perturbed(module, seed=0):
+    """Add noise to every parameter so D = 1, zero biases and unit norms hide nothing."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return module
+
+
+def mamba2_reference(m, u):
+    """SPEC 1.5 written out: split, causal conv + SiLU, per-token recurrence, gate-then-RMSNorm, out_proj."""
+    z, xBC, dt = m.in_proj(u).split([m.d_inner, m.d_inner + 2 * m.d_state, m.nheads], dim=-1)
+    padded = F.pad(xBC.transpose(1, 2), (m.d_conv - 1, 0))
+    xBC = F.silu(F.conv1d(padded, m.conv1d.weight, m.conv1d.bias, groups=xBC.shape[-1])).transpose(1, 2)
+    x, B, C = xBC.split([m.d_inner, m.d_state, m.d_state], dim=-1)
+    x = x.unflatten(-1, (m.nheads, m.headdim))
+    dt = F.softplus(dt + m.dt_bias)
+    y = ssd_recurrence(x, dt, -torch.exp(m.A_log), B[:, :, None], C[:, :, None]) + m.D[:, None] * x
+    gated = y.flatten(-2) * F.silu(z)
+    normed = gated * torch.rsqrt(gated.pow(2).mean(-1, keepdim=True) + 1e-5) * m.norm.weight
+    return m.out_proj(normed)
+
+
+@pytest.mark.parametrize("length", [1, 300])
+def test_mamba2_module_matches_reference(length):
+    m = perturbed(ssm.Mamba2(32, d_state=8, headdim=16))
+    u = torch.randn(2, length, 32)
+    assert_close_rel(m(u), mamba2_reference(m, u), 1e-5)
+
+
+def test_mamba2_bf16_autocast_close_to_fp32():
+    m = perturbed(ssm.Mamba2(64, d_state=16, headdim=16, chunk_size=32))
+    u = torch.randn(2, 70, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = m(u)
+    assert low.dtype == torch.bfloat16
+    assert_close_rel(low, m(u), 5e-2)
+
+
+def mamba1_direction(m, xz, suffix):
+    """ARM's per-direction inner function on xz (b, l, 2d), without out_proj (SPEC 1.6 steps 1-4)."""
+    conv, x_proj, dt_proj = (getattr(m, f"{name}{suffix}") for name in ("conv1d", "x_proj", "dt_proj"))
+    x, z = xz.chunk(2, dim=-1)
+    x = F.silu(F.conv1d(F.pad(x.transpose(1, 2), (m.d_conv - 1, 0)), conv.weight, conv.bias, groups=m.d_inner))
+    dt, B, C = x_proj(x.transpose(1, 2)).split([m.dt_rank, m.d_state, m.d_state], dim=-1)
+    delta = (dt @ dt_proj.weight.T).transpose(1, 2)
+    A = -torch.exp(getattr(m, f"A{suffix}_log"))
+    y = selective_scan_recurrence(x, delta, A, B.transpose(1, 2), C.transpose(1, 2), getattr(m, f"D{suffix}"),
+                                  z.transpose(1, 2), dt_proj.bias)
+    return y.transpose(1, 2)
+
+
+def to_columns(seq):
+    """Remove the token at L//2, transpose the square grid of the rest, put the token back (SPEC 1.6)."""
+    length = seq.shape[1]
+    cls, side = length // 2, math.isqrt(length - 1)
+    rest = torch.cat([seq[:, :cls], seq[:, cls + 1:]], 1)
+    rest = rest.unflatten(1, (side, side)).transpose(1, 2).flatten(1, 2)
+    return torch.cat([rest[:, :cls], seq[:, cls:cls + 1], rest[:, cls:]], 1)
+
+
+def test_mamba1_unidirectional_matches_reference():
+    m = perturbed(ssm.Mamba1(16, d_state=4, bimamba_type="None"))
+    u = torch.randn(2, 70, 16)
+    ref = m.out_proj(mamba1_direction(m, m.in_proj(u), ""))
+    assert_close_rel(m(u), ref, 1e-5)
+
+
+def test_mamba1_v3_matches_four_explicit_scans():
+    m = perturbed(ssm.Mamba1(16, d_state=4, bimamba_type="v3"))
+    u = torch.randn(2, 26, 16)  # cls at 13, 5 x 5 grid
+    xz = m.in_proj(u)
+    forward = mamba1_direction(m, xz, "")
+    backward = mamba1_direction(m, xz.flip(1), "_b").flip(1)
+    columns = to_columns(xz)
+    vertical = mamba1_direction(m, columns, "_c") + mamba1_direction(m, columns.flip(1), "_c_b").flip(1)
+    ref = m.out_proj((forward + backward + to_columns(vertical)) / 4)
+    assert_close_rel(m(u), ref, 1e-5)
+
+
+def test_v3_column_order_matches_spec_formula_at_224():
+    order = ssm.column_order(197)
+    expected = []
+    for q in range(197):  # SPEC 4.5: g = 14, cls at 98
+        if q == 98:
+            expected.append(98)
+            continue
+        k = q if q < 98 else q - 1
+        patch = (k % 14) * 14 + k // 14
+        expected.append(patch if patch < 98 else patch + 1)
+    assert order.tolist() == expected
+    assert torch.equal(order[order], torch.arange(197))  # an involution
+
+
+def test_v3_rejects_a_non_square_grid():
+    m = ssm.Mamba1(8, bimamba_type="v3")
+    with pytest.raises(ValueError, match="square grid"):
+        m(torch.randn(1, 12, 8))
+
+
+# ---------------------------------------------------------------------------------- layout and init
+
+def mixer_keys(keys_table, family, variant):
+    prefix = "layers.0.mixer."
+    rows = [r for r in keys_table if r["family"] == family and r["model_variant"] == variant
+            and r["key"].startswith(prefix)]
+    assert rows, f"no {family}/{variant} rows in KEYS_full.tsv"
+    return [(r["key"][len(prefix):], tuple(int(s) for s in r["shape"].split("x"))) for r in rows]
+
+
+def module_keys(module):
+    return [(k, tuple(v.shape)) for k, v in module.state_dict().items()]
+
+
+def test_mamba2_state_dict_matches_official_keys(keys_table):
+    assert module_keys(ssm.Mamba2(256)) == mixer_keys(keys_table, "adv", "adventurer_tiny_patch16@224")
+
+
+@pytest.mark.parametrize("family,variant,bimamba_type", [("arm_ft", "arm_base_pz16@224", "v3"),
+                                                          ("arm_pt", "arm_base_pz16", "None")])
+def test_mamba1_state_dict_matches_official_keys(keys_table, family, variant, bimamba_type):
+    m = ssm.Mamba1(768, bimamba_type=bimamba_type)
+    assert module_keys(m) == mixer_keys(keys_table, family, variant)
+
+
+def test_mamba2_init():
+    m = ssm.Mamba2(128, A_init_range=(1, 16))
+    dt = F.softplus(m.dt_bias)
+    assert dt.min() >= 1e-4 and dt.max() <= 0.1 + 1e-6
+    A = torch.exp(m.A_log)
+    assert A.min() >= 1 and A.max() <= 16
+    assert torch.equal(m.D, torch.ones(m.nheads)) and torch.equal(m.norm.weight, torch.ones(256))
+    assert all(getattr(p, "_no_weight_decay", False) for p in (m.dt_bias, m.A_log, m.D))
+    assert m.in_proj.bias is None and m.out_proj.bias is None
+
+
+def test_mamba1_init():
+    m = ssm.Mamba1(64, bimamba_type="v3")
+    for suffix in ssm.V3_DIRECTIONS:
+        assert torch.allclose(getattr(m, f"A{suffix}_log"), torch.log(torch.arange(1, 17.0)).repeat(64, 1))
+        assert torch.equal(getattr(m, f"D{suffix}"), torch.ones(64))
+    dt = F.softplus(m.dt_proj.bias)
+    assert dt.min() >= 1e-4 and dt.max() <= 0.1 + 1e-6
+    assert m.dt_proj.weight.abs().max() <= m.dt_rank ** -0.5
+    assert m.dt_proj.bias._no_reinit is True
+    assert not hasattr(m.dt_proj_b.bias, "_no_reinit")  # official: the extra directions keep Linear defaults
+
+
+# ---------------------------------------------------------------------------------- backend dispatch
+
+def fake_kernels(chunk_scan=None, selective_scan=None, problems=None):
+    return ssm._Kernels(chunk_scan=chunk_scan, selective_scan=selective_scan, problems=problems or {})
+
+
+def test_backend_name_from_env_and_override(monkeypatch):
+    assert ssm.get_backend() == "auto"
+    monkeypatch.setenv("SSM_BACKEND", "torch")
+    assert ssm.get_backend() == "torch"
+    ssm.set_backend("auto")
+    assert ssm.get_backend() == "auto"
+    with pytest.raises(ValueError, match="unknown SSM backend"):
+        ssm.set_backend("triton")
+    monkeypatch.setenv("SSM_BACKEND", "cuda")
+    monkeypatch.setattr(ssm, "_backend_override", None)
+    with pytest.raises(ValueError, match="unknown SSM backend 'cuda'"):
+        ssm.get_backend()
+
+
+def test_auto_on_cpu_tensors_uses_torch_without_importing_kernels(monkeypatch, capsys):
+    def must_not_import():
+        raise AssertionError("auto on CPU tensors must not import mamba_ssm")
+    monkeypatch.setattr(ssm, "_kernels", must_not_import)
+    m = ssm.Mamba2(32, d_state=8, headdim=16)
+    m(torch.randn(1, 5, 32))
+    m(torch.randn(1, 5, 32))
+    out = capsys.readouterr().out
+    assert out.count("Mamba2 uses the torch backend") == 1 and "cpu" in out
+
+
+def test_forcing_mamba_ssm_on_cpu_tensors_raises_clear_error(monkeypatch):
+    monkeypatch.setenv("SSM_BACKEND", "mamba_ssm")
+    with pytest.raises(ssm.BackendUnavailableError, match="pip install mamba-ssm causal-conv1d") as info:
+        ssm.Mamba1(16)(torch.randn(1, 5, 16))
+    assert "on cpu" in str(info.value) and isinstance(info.value, RuntimeError)
+
+
+def test_set_backend_mamba_ssm_raises_when_not_installed(monkeypatch):
+    monkeypatch.setattr(ssm, "_kernels", lambda: fake_kernels(problems={"mamba_ssm": "not installed"}))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ssm.BackendUnavailableError, match="not installed") as info:
+        ssm.set_backend("mamba_ssm")
+    assert "no CUDA" in str(info.value) and ssm.get_backend() == "auto"
+
+
+def test_available_backends_reports_triton_only_install(monkeypatch):
+    problems = {"mamba_ssm selective_scan_cuda (Mamba1)": "import failed (No module named 'selective_scan_cuda')"}
+    monkeypatch.setattr(ssm, "_kernels", lambda: fake_kernels(chunk_scan=print, problems=problems))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    status = ssm.available_backends()
+    assert status["torch"] is None and status["mamba_ssm:Mamba2"] is None
+    assert "selective_scan_cuda" in status["mamba_ssm:Mamba1"] and "selective_scan_cuda" in status["mamba_ssm"]
+
+
+def test_kernel_call_conventions_match_torch_path(monkeypatch):
+    """Dispatch plumbing: stand-in kernels with mamba-ssm's signatures must reproduce the torch output."""
+    def chunk_scan(x, dt, A, B, C, chunk_size, D=None, dt_bias=None, dt_softplus=False):
+        assert dt_softplus and x.dim() == 4 and B.dim() == 4
+        dt = F.softplus(dt + dt_bias)
+        return (ssm.ssd_chunked(x, dt, A, B, C, chunk_size) + x * D[:, None]).to(x.dtype)
+
+    def selective_scan(u, delta, A, B, C, D, z=None, delta_bias=None, delta_softplus=False):
+        assert delta_softplus and B.is_contiguous() and C.is_contiguous()
+        return ssm.selective_scan(u, delta, A, B, C, D, z=z, delta_bias=delta_bias)
+
+    mixers = [(perturbed(ssm.Mamba2(32, d_state=8, headdim=16)), torch.randn(2, 9, 32)),
+              (perturbed(ssm.Mamba1(16, bimamba_type="v3")), torch.randn(2, 17, 16))]
+    expected = [m(u) for m, u in mixers]
+    monkeypatch.setattr(ssm, "_kernels", lambda: fake_kernels(chunk_scan, selective_scan))
+    monkeypatch.setattr(ssm, "_unavailable_reason", lambda mixer, tensor: None)
+    ssm.set_backend("mamba_ssm")
+    for (m, u), y in zip(mixers, expected):
+        assert_close_rel(m(u), y, 1e-6, type(m).__name__)
+
+
+def test_import_bypassing_a_broken_package_init(tmp_path, monkeypatch):
+    package = tmp_path / "pkg_with_cuda_init"
+    (package / "ops").mkdir(parents=True)
+    (package / "__init__.py").write_text("import missing_cuda_extension\n")
+    (package / "ops" / "__init__.py").write_text("")
+    (package / "ops" / "kernel.py").write_text("VALUE = 42\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("pkg_with_cuda_init", "pkg_with_cuda_init.ops", "pkg_with_cuda_init.ops.kernel"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    try:
+        assert ssm._import_bypassing_init("pkg_with_cuda_init", "ops.kernel").VALUE == 42
+    finally:
+        for name in ("pkg_with_cuda_init", "pkg_with_cuda_init.ops", "pkg_with_cuda_init.ops.kernel"):
+            sys.modules.pop(name, None)
