@@ -76,7 +76,8 @@ def _square_size(img_size):
 
 
 def _make_patch_embed(img_size, patch_size, stride, channels, embed_dim):
-    if stride != patch_size:
+    """`stride=None` means `patch_size` (the official models always use stride = patch size)."""
+    if stride is not None and stride != patch_size:
         raise ValueError(f"ARM uses non-overlapping patches: stride ({stride}) must equal patch_size ({patch_size})")
     return PatchEmbed(_square_size(img_size), patch_size, channels, embed_dim)
 
@@ -158,7 +159,10 @@ class CrossAttention(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-    """`q + CrossAttn(LN(q), LN(kv))`, then `q + Mlp(LN(q))` (GELU, ratio 4); official names attn2/norm2_1/norm2_2/norm2/mlp."""
+    """`q + CrossAttn(LN(q), LN(kv))`, then `q + Mlp(LN(q))` (GELU, ratio 4).
+
+    Official names: attn2, norm2_1 (queries), norm2_2 (keys/values), norm2 (MLP), mlp.fc1/fc2.
+    """
 
     def __init__(self, dim, num_heads, mlp_ratio=4.0):
         super().__init__()
@@ -185,7 +189,7 @@ class VisionMamba(nn.Module):
     `dec_num_heads=None` gives the official `dec_embed_dim // 64` (8 heads of 64 for 512).
     """
 
-    def __init__(self, img_size=192, patch_size=16, stride=16, depth=12, embed_dim=768, dec_embed_dim=512,
+    def __init__(self, img_size=192, patch_size=16, stride=None, depth=12, embed_dim=768, dec_embed_dim=512,
                  channels=3, num_classes=1000, ssm_cfg=None, drop_rate=0.0, drop_path_rate=0.1,
                  bimamba_type="None", norm_pix_loss=True, official_norm_pix=True, cluster_size=4,
                  tap_layers=None, dec_depth=4, dec_num_heads=None, **kwargs):
@@ -205,7 +209,8 @@ class VisionMamba(nn.Module):
         self.cluster_len = cluster_size * cluster_size
         self.num_steps = (self.num_clusters - 1) * self.cluster_len  # encoder length = number of predictions
         self.tap_layers = tuple(tap_layers) if tap_layers is not None else default_tap_layers(depth)
-        if sorted(set(self.tap_layers)) != list(self.tap_layers) or not 1 <= self.tap_layers[0] <= self.tap_layers[-1] <= depth:
+        increasing = sorted(set(self.tap_layers)) == list(self.tap_layers)
+        if not increasing or not 1 <= self.tap_layers[0] <= self.tap_layers[-1] <= depth:
             raise ValueError(f"tap_layers must be increasing 1-based layer counts within 1..{depth}, "
                              f"got {self.tap_layers}")
         self.normalize_target = norm_pix_loss or official_norm_pix
@@ -327,7 +332,7 @@ class ARM(nn.Module):
     Even grids (14x14 at 224, 24x24 at 384) are unaffected.
     """
 
-    def __init__(self, img_size=224, patch_size=16, stride=16, depth=24, embed_dim=192, channels=3,
+    def __init__(self, img_size=224, patch_size=16, stride=None, depth=24, embed_dim=192, channels=3,
                  num_classes=1000, ssm_cfg=None, drop_rate=0.0, drop_path_rate=0.1, bimamba_type="v3",
                  global_pool=False, official_drop_path=True, in_chans=None, **kwargs):
         super().__init__()
@@ -538,7 +543,7 @@ def create_pretrain_model(name, **kwargs):
 
 
 def create_finetune_model(name, **kwargs):
-    """Finetune `ARM` classifier for an official name (kwargs: num_classes, img_size, drop_path_rate, global_pool...)."""
+    """Finetune `ARM` classifier for an official name (kwargs: num_classes, img_size, drop_path_rate, global_pool)."""
     return ARM(**{**_config(name), **kwargs})
 
 

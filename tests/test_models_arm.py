@@ -10,7 +10,6 @@ import timm
 import torch
 from timm.optim import param_groups_layer_decay
 
-import layers
 import models_arm
 from conftest import golden_cases
 from models_arm import (ARM, MODEL_CONFIGS, VisionMamba, block_causal_mask, checkpoint_filter_fn,
@@ -29,20 +28,10 @@ def tiny_finetune(**kwargs):
     return ARM(**{**dict(img_size=64, num_classes=10), **TINY, **kwargs})
 
 
-@pytest.fixture
-def meta_build(monkeypatch):
-    """Build on the meta device (no memory, no init cost); drop-path rates are computed on CPU (`.tolist()`)."""
-    def rates_on_cpu(*args, **kwargs):
-        with torch.device("cpu"):
-            return layers.drop_path_rates(*args, **kwargs)
-
-    monkeypatch.setattr(models_arm, "drop_path_rates", rates_on_cpu)
-
-    def build(factory, *args, **kwargs):
-        with torch.device("meta"):
-            return factory(*args, **kwargs)
-
-    return build
+def meta_build(factory, *args, **kwargs):
+    """Build on the meta device: full-size layouts without memory or init cost."""
+    with torch.device("meta"):
+        return factory(*args, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------- golden
@@ -88,7 +77,7 @@ FINETUNE_COUNTS = {
 
 
 @pytest.mark.parametrize("name", sorted(PRETRAIN_COUNTS))
-def test_pretrain_keys_and_params(keys_table, meta_build, name):
+def test_pretrain_keys_and_params(keys_table, name):
     model = meta_build(create_pretrain_model, name)
     assert _layout(model) == _rows(keys_table, "arm_pt", name)
     total, trainable = PRETRAIN_COUNTS[name]
@@ -99,7 +88,7 @@ def test_pretrain_keys_and_params(keys_table, meta_build, name):
 
 
 @pytest.mark.parametrize("name,img", sorted(FINETUNE_COUNTS))
-def test_finetune_keys_and_params(keys_table, meta_build, name, img):
+def test_finetune_keys_and_params(keys_table, name, img):
     model = meta_build(create_finetune_model, name, img_size=img)
     assert _layout(model) == _rows(keys_table, "arm_ft", f"{name}@{img}")
     assert sum(p.numel() for p in model.parameters()) == FINETUNE_COUNTS[(name, img)]
