@@ -119,14 +119,14 @@ class INatDataset(_CheckedLoading, datasets.VisionDataset):
     def __init__(self, root, train=True, year=2018, category="name", transform=None, bad_images="error"):
         super().__init__(root, transform=transform)
         self.loader = default_loader
-        images = _read_json(os.path.join(root, f"{'train' if train else 'val'}{year}.json"))["images"]
+        train_json = _read_json(os.path.join(root, f"train{year}.json"))
+        images = (train_json if train else _read_json(os.path.join(root, f"val{year}.json")))["images"]
         categories = _read_json(os.path.join(root, "categories.json"))
-        train_annotations = _read_json(os.path.join(root, f"train{year}.json"))["annotations"]
         if category not in categories[0]:
             raise DatasetError(f"unknown iNat category level {category!r}; choose from {sorted(categories[0])}")
 
         label_of = {}
-        for annotation in train_annotations:
+        for annotation in train_json["annotations"]:
             label_of.setdefault(categories[int(annotation["category_id"])][category], len(label_of))
         self.nb_classes = len(label_of)
 
