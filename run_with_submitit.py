@@ -86,6 +86,9 @@ class Trainer:
         args.gpu = job_env.local_rank
         args.rank = job_env.global_rank
         args.world_size = job_env.num_tasks
+        # The launcher variables make utils.init_distributed_mode take the torchrun path with the file://
+        # rendezvous in args.dist_url, under Slurm and submitit's local executor alike.
+        os.environ.update(RANK=str(args.rank), WORLD_SIZE=str(args.world_size), LOCAL_RANK=str(args.gpu))
         print(f"Process group: {job_env.num_tasks} tasks, rank {job_env.global_rank}")
         entry_module(args.script).main(args)
 
@@ -114,6 +117,8 @@ def main(argv=None):
         mem_gb=12 * args.ngpus, gpus_per_node=args.ngpus, tasks_per_node=args.ngpus, cpus_per_task=8,
         nodes=args.nodes, timeout_min=args.timeout, slurm_partition=args.partition, slurm_signal_delay_s=120,
         name="pt", **extra)
+    # Jobs inherit this environment: let them unpickle the Trainer and import the entry points from any cwd.
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
     args.job_dir = job_dir
     args.dist_url = new_init_file()
     args.output_dir = job_dir
