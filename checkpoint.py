@@ -19,7 +19,7 @@ import torch.distributed as dist
 from timm.layers import resample_abs_pos_embed
 
 # The only non-tensor classes official (and our) checkpoints pickle: `args`, and paths inside it
-# (the Slurm launcher turns output_dir into a Path).
+# (the official Slurm launcher stores output_dir as a Path).
 SAFE_GLOBALS = [argparse.Namespace, pathlib.PosixPath, pathlib.WindowsPath,
                 pathlib.PurePosixPath, pathlib.PureWindowsPath]
 

@@ -212,21 +212,28 @@ class MetricLogger:
         self.meters[name] = meter
 
     def log_every(self, iterable, print_freq, header=""):
-        """Yield from `iterable`, printing meters, ETA, img/s, iteration/data time and max CUDA memory."""
-        total = len(iterable)
-        digits = len(str(total))
+        """Yield from `iterable`, printing meters, ETA, img/s, iteration/data time and max CUDA memory.
+
+        Iterables without len() (generators, streaming data) are logged without a total and ETA.
+        """
+        total = len(iterable) if hasattr(iterable, "__len__") else None
+        position = f"{{:>{len(str(total))}}}/{total}" if total is not None else "{}"
         iter_time = SmoothedValue(fmt="{avg:.4f}")
         data_time = SmoothedValue(fmt="{avg:.4f}")
         start = end = window_start = time.time()
         window_images = 0
+        count = 0
         for i, obj in enumerate(iterable):
             data_time.update(time.time() - end)
             yield obj
             iter_time.update(time.time() - end)
             window_images += _batch_size(obj) or 0
-            if i % print_freq == 0 or i == total - 1:
-                eta = datetime.timedelta(seconds=int(iter_time.global_avg * (total - i - 1)))
-                parts = [f"{header} [{i:>{digits}}/{total}]", f"eta: {eta}", str(self)]
+            count = i + 1
+            if i % print_freq == 0 or i + 1 == total:
+                parts = [f"{header} [{position.format(i)}]"]
+                if total is not None:
+                    parts.append(f"eta: {datetime.timedelta(seconds=int(iter_time.global_avg * (total - i - 1)))}")
+                parts.append(str(self))
                 if window_images:
                     parts.append(f"img/s: {window_images / max(time.time() - window_start, 1e-9):.1f}")
                 parts += [f"time: {iter_time}", f"data: {data_time}"]
@@ -237,7 +244,7 @@ class MetricLogger:
             end = time.time()
         total_time = time.time() - start
         print(f"{header} Total time: {datetime.timedelta(seconds=int(total_time))} "
-              f"({total_time / max(total, 1):.4f} s / it)")
+              f"({total_time / max(count, 1):.4f} s / it)")
 
 
 # ---------------------------------------------------------------------------------------------------

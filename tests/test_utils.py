@@ -257,3 +257,10 @@ def test_wandb_start_failure_explains_offline_mode(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=refuse))
     with pytest.raises(SystemExit, match="No API key configured.*WANDB_MODE=offline"):
         utils.ExperimentLogger(argparse.Namespace(if_wandb=True), tmp_path)
+
+
+def test_metric_logger_accepts_iterables_without_length(capsys):
+    logger = utils.MetricLogger()
+    seen = list(logger.log_every((torch.zeros(2, 1) for _ in range(3)), print_freq=2, header="Stream"))
+    out = capsys.readouterr().out.splitlines()
+    assert len(seen) == 3 and [line.split()[1] for line in out[:-1]] == ["[0]", "[2]"] and "eta" not in out[0]
