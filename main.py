@@ -24,6 +24,7 @@ import ast
 import copy
 import datetime
 import difflib
+import math
 import time
 from pathlib import Path
 
@@ -537,6 +538,9 @@ def run(args):
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[args.gpu] if device.type == "cuda" else None)
+        if model_ema is not None:
+            # DDP broadcast rank 0's weights; ranks seeded seed + rank would otherwise keep different EMAs.
+            model_ema.set(model_without_ddp)
 
     args.lr = scaled_lr(args, utils.get_world_size())
     optimizer = build_optimizer(args, model_without_ddp)
@@ -552,7 +556,8 @@ def run(args):
             lr_scheduler.step(args.start_epoch - 1)
         print(f"Resumed {resume_path} at epoch {args.start_epoch}"
               + (f", iteration {resume_iteration}" if resume_iteration else ""))
-    max_accuracy = float(ckpt.get("max_accuracy", 0.0)) if ckpt is not None and "optimizer" in ckpt else 0.0
+    # -inf: the first evaluated epoch always writes best_checkpoint.pth, even at 0% accuracy.
+    max_accuracy = float(ckpt.get("max_accuracy", -math.inf)) if ckpt is not None and "optimizer" in ckpt else -math.inf
     del ckpt
 
     output_dir = Path(args.output_dir) if args.output_dir else None
