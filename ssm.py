@@ -95,43 +95,65 @@ def ssd_chunked(x, dt, A, B, C, chunk_size=256):
         return y.reshape(batch, nchunks * chunk, nheads, headdim)[:, :seqlen]
 
 
-def _scan_chunk(u, delta, A, B, C, state):
-    """One chunk of the selective scan: h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t, y_t = C_t . h_t.
+def _linear_scan(decay, value):
+    """All h_t = decay_t h_{t-1} + value_t (h_{-1} = 0) along dim -2, and the running products of decay.
 
-    u, delta (b, g, d, l); A (g, d, n); B, C (b, g, n, l); state (b, g, d, n) entering the chunk.
-    The recurrence is solved by a log-depth (Hillis-Steele) scan over (decay, value) pairs: every
-    decay is <= 1, so no step can overflow (unlike cumsum-of-exp formulations).
+    Log-depth (Hillis-Steele) doubling over (decay, value) pairs: every decay is <= 1, so no step can
+    overflow, unlike cumsum-of-exp formulations.
     """
-    decay = torch.exp(delta[..., None] * A[:, :, None])  # (b, g, d, l, n)
-    value = (delta * u)[..., None] * B.transpose(-1, -2)[:, :, None]  # (b, g, d, l, n)
-    length, step = u.shape[-1], 1
+    length, step = value.shape[-2], 1
     while step < length:  # combine each position with the one `step` earlier
         value = value + decay * F.pad(value, (0, 0, step, 0))[..., :length, :]
         decay = decay * F.pad(decay, (0, 0, step, 0), value=1.0)[..., :length, :]
         step *= 2
-    states = value + decay * state[:, :, :, None]
-    y = torch.einsum("bgdln,bgnl->bgdl", states, C)
-    return y, states[:, :, :, -1]
+    return value, decay
 
 
-class _RecomputedChunk(torch.autograd.Function):
-    """One scan chunk that keeps only its inputs for backward and recomputes the rest there.
+def _chunk_states(u, delta, A, B, state):
+    """Per-step decays exp(delta_t A) and states h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t of a chunk.
 
-    A chunk's (b, g, d, l, n) intermediates would otherwise dominate training memory. (A hand-rolled
-    checkpoint: torch.utils.checkpoint's first call imports torch._dynamo, seconds on small machines.)
+    u, delta (b, g, d, l); A (g, d, n); B (b, g, n, l); state (b, g, d, n) entering the chunk.
+    Returns two (b, g, d, l, n) tensors.
+    """
+    decay = torch.exp(delta[..., None] * A[:, :, None])
+    value = (delta * u)[..., None] * B.transpose(-1, -2)[:, :, None]
+    states, decay_products = _linear_scan(decay, value)
+    return decay, states + decay_products * state[:, :, :, None]
+
+
+class _ChunkScan(torch.autograd.Function):
+    """One chunk of the selective scan, y_t = C_t . h_t, with a hand-written backward.
+
+    Forward keeps only its inputs. Backward recomputes the states and solves the adjoint recurrence
+    g_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1} with the same scan run in reverse, so a chunk costs a
+    few (b, g, d, l, n) tensors instead of autograd's record of every doubling step.
     """
 
     @staticmethod
-    def forward(ctx, *inputs):
-        ctx.save_for_backward(*inputs)
-        return _scan_chunk(*inputs)
+    def forward(ctx, u, delta, A, B, C, state):
+        ctx.save_for_backward(u, delta, A, B, C, state)
+        _, states = _chunk_states(u, delta, A, B, state)
+        return torch.einsum("bgdln,bgnl->bgdl", states, C), states[..., -1, :]
 
     @staticmethod
-    def backward(ctx, grad_y, grad_state):
-        inputs = [t.detach().requires_grad_() for t in ctx.saved_tensors]
-        with torch.enable_grad(), torch.autocast(grad_y.device.type, enabled=False):
-            outputs = _scan_chunk(*inputs)
-        return torch.autograd.grad(outputs, inputs, (grad_y, grad_state))
+    def backward(ctx, dy, dlast):
+        u, delta, A, B, C, state = ctx.saved_tensors
+        with torch.autocast(dy.device.type, enabled=False):
+            decay, states = _chunk_states(u, delta, A, B, state)
+            adjoint = dy[..., None] * C.transpose(-1, -2)[:, :, None]
+            adjoint[..., -1, :] += dlast
+            next_decay = F.pad(decay[..., 1:, :], (0, 0, 0, 1), value=1.0)
+            adjoint = _linear_scan(next_decay.flip(-2), adjoint.flip(-2))[0].flip(-2)  # dL/dh_t
+            previous = torch.cat([state[..., None, :], states[..., :-1, :]], dim=-2)
+            d_log_decay = adjoint * previous * decay  # dL/d(delta_t A)
+            adjoint_B = torch.einsum("bgdln,bgnl->bgdl", adjoint, B)
+            du = adjoint_B * delta
+            ddelta = adjoint_B * u + torch.einsum("bgdln,gdn->bgdl", d_log_decay, A)
+            dA = torch.einsum("bgdln,bgdl->gdn", d_log_decay, delta)
+            dB = torch.einsum("bgdln,bgdl->bgnl", adjoint, delta * u)
+            dC = torch.einsum("bgdl,bgdln->bgnl", dy, states)
+            dstate = adjoint[..., 0, :] * decay[..., 0, :]
+        return du, ddelta, dA, dB, dC, dstate
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, chunk_len=SCAN_CHUNK):
@@ -140,8 +162,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, chunk_len
     u, delta, z (b, d, l); A (d, n); B, C (b, n, l) or (b, g, n, l), group k serving channels
     [k*d/g, (k+1)*d/g) (how the four v3 directions share one call); D, delta_bias (d,).
     Returns y = (scan + D u) * SiLU(z) in u's dtype. The scan runs chunk by chunk (a short loop over
-    l / chunk_len chunks carrying the state, never over tokens), each chunk recomputed in backward
-    (`_RecomputedChunk`) so training memory stays O(b d l) instead of O(b d l n log l).
+    l / chunk_len chunks carrying the state, never over tokens); `_ChunkScan`'s backward recomputes
+    each chunk, so training keeps O(b d l) activations instead of O(b d l n log l).
     """
     dtype = u.dtype
     with torch.autocast(u.device.type, enabled=False):
@@ -157,12 +179,11 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, chunk_len
         A_grouped = A.float().view(ngroups, dim // ngroups, dstate)
         u_g, delta_g = u.view(grouped), delta.view(grouped)
         state = u.new_zeros(batch, ngroups, dim // ngroups, dstate)
-        recompute = torch.is_grad_enabled() and any(t.requires_grad for t in (u, delta, A, B, C))
         outputs = []
         for start in range(0, seqlen, chunk_len):
             part = slice(start, start + chunk_len)
             args = (u_g[..., part], delta_g[..., part], A_grouped, B[..., part], C[..., part], state)
-            y, state = _RecomputedChunk.apply(*args) if recompute else _scan_chunk(*args)
+            y, state = _ChunkScan.apply(*args)
             outputs.append(y)
         y = torch.cat(outputs, dim=-1).reshape(batch, dim, seqlen)
         if D is not None:
