@@ -115,8 +115,9 @@ def init_distributed_mode(args):
         torch.cuda.set_device(args.gpu)
     print(f"| distributed init (rank {args.rank}/{args.world_size}, {args.dist_backend}): "
           f"{args.dist_url}, gpu {args.gpu}", flush=True)
-    dist.init_process_group(backend=args.dist_backend, init_method=args.dist_url,
-                            world_size=args.world_size, rank=args.rank)
+    # Binding the group to the GPU keeps later barriers (metric sync) on the right device without warnings.
+    dist.init_process_group(backend=args.dist_backend, init_method=args.dist_url, world_size=args.world_size,
+                            rank=args.rank, device_id=torch.device("cuda", args.gpu) if use_cuda else None)
     if use_cuda:
         dist.barrier(device_ids=[args.gpu])
     else:
