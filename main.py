@@ -338,9 +338,10 @@ class SavingEvery:
             yield batch
 
 
-def build_data(args):
-    """Datasets, samplers and loaders (SPEC 6.2); sets args.nb_classes."""
+def build_data(args, device):
+    """Datasets, samplers and the val loader (SPEC 6.2); sets args.nb_classes."""
     dataset_val, args.nb_classes = datasets.build_dataset(is_train=False, args=args)
+    args.pin_mem = args.pin_mem and device.type == "cuda"  # pinning needs an accelerator
     distributed = args.distributed
     world_size, rank = utils.get_world_size(), utils.get_rank()
     if distributed and args.dist_eval:
@@ -488,7 +489,7 @@ def run(args):
     utils.seed_everything(args.seed + utils.get_rank())
     cudnn.benchmark = True
 
-    sampler_train, dataset_train, dataset_val, loader_val = build_data(args)
+    sampler_train, dataset_train, dataset_val, loader_val = build_data(args, device)
     model = build_model(args)
     if args.finetune:
         load_finetune_weights(model, args)

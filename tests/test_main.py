@@ -212,6 +212,14 @@ def test_layer_decay_groups_and_optimizer_flags():
     assert scale["head.weight"] == scale["norm_f.weight"] == 1.0
     assert decay["pos_embed"] == decay["cls_token"] == decay["head.bias"] == 0.0
     assert decay["head.weight"] == decay["layers.0.mixer.conv1d.weight"] == 0.05
+    # group order and membership equal the official param_groups_lrd, so official optimizer states map 1:1
+    official = {}
+    for name, p in model.named_parameters():
+        layer = 0 if name.split(".")[0] in ("cls_token", "pos_embed", "patch_embed") else \
+            int(name.split(".")[1]) + 1 if name.startswith("layers.") else 3
+        kind = "no_decay" if p.ndim == 1 or name in model.no_weight_decay() else "decay"
+        official.setdefault(f"layer_{layer}_{kind}", []).append(name)
+    assert [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups] == list(official.values())
     _, _, sgd = _optimizer(["--opt", "sgd", "--momentum", "0.8"])
     assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.8
     _, _, adamw = _optimizer(["--opt-eps", "1e-6", "--opt-betas", "0.9", "0.95"])
@@ -374,6 +382,41 @@ def test_fp16_training_uses_a_grad_scaler_and_resumes_it(folder, tmp_path):
     assert isinstance(first["scaler"], dict) and first["scaler"]["scale"] > 1 and first["model_ema"] is None
     run_main(folder, "--epochs", "2", "--resume", str(tmp_path / "checkpoint.pth"), *common)
     assert [r["epoch"] for r in read_log(tmp_path)] == [0, 1]
+
+
+def test_recipe_variants_train(folder, tmp_path):
+    """BCE on mixed targets, ThreeAugment, SGD with layer decay, clipping and a step schedule in one run."""
+    run_main(folder, "--bce-loss", "--smoothing", "0", "--ThreeAugment", "--opt", "sgd", "--layer_decay", "0.75",
+             "--clip-grad", "1.0", "--sched", "step", "--epochs", "1", "--max-iters-per-epoch", "2",
+             "--output_dir", str(tmp_path), "--no-eval-ema", "--unscale-lr", "--lr", "0.01", "--warmup-epochs", "0")
+    (row,) = read_log(tmp_path)
+    assert 0 < row["train_loss"] < 5 and row["train_lr"] == pytest.approx(0.01) and "ema_test_acc1" not in row
+
+
+def test_bad_image_stops_with_its_name_or_is_skipped(folder, tmp_path):
+    import shutil
+
+    copy = tmp_path / "data"
+    shutil.copytree(folder, copy)
+    bad = copy / "val" / "class_0" / "0.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(SystemExit, match=f"^error: .*{bad}"):
+        run_main(copy, "--eval")
+    with pytest.warns(RuntimeWarning, match="skipping unreadable image"):
+        stats = run_main(copy, "--eval", "--bad-images", "skip")["stats"]
+    assert 0.0 <= stats["test_acc1"] <= 100.0
+
+
+def test_accuracy_rises_on_digits(tmp_path):
+    """24 steps on the embedded DIGITS set take a tiny model from chance (10%) to well above it."""
+    args = parse(["--data-set", "DIGITS", *TINY, "--model-kwargs", "depth=2", "embed_dim=32", "patch_size=8",
+                  "--batch-size", "64", "--epochs", "2", "--max-iters-per-epoch", "12", "--warmup-epochs", "0",
+                  "--lr", "4e-3", "--unscale-lr", "--mixup", "0", "--cutmix", "0", "--drop-path", "0",
+                  "--no-model-ema", "--amp", "none", "--output_dir", str(tmp_path)])
+    main.main(args)
+    first, last = read_log(tmp_path)
+    assert last["test_loss"] < first["test_loss"] < 2.2
+    assert last["test_acc1"] > 25.0
 
 
 @pytest.mark.slow
