@@ -193,9 +193,14 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, chunk_len
         return y.to(dtype)
 
 
-def _causal_conv1d(x, weight, bias):
-    """Depthwise causal conv over the last axis of x (b, c, l): left zero padding of kernel-1."""
-    return F.conv1d(x, weight, bias, padding=weight.shape[-1] - 1, groups=x.shape[1])[..., :x.shape[-1]]
+def _causal_conv1d_silu(x, weight, bias, kernels=None):
+    """SiLU(depthwise causal conv) over the last axis of x (b, c, l), left zero padding of kernel-1.
+
+    Uses causal-conv1d's CUDA kernel when the kernels are in use and it is installed.
+    """
+    if kernels is not None and kernels.causal_conv1d is not None:
+        return kernels.causal_conv1d(x, weight.squeeze(1), bias, activation="silu")
+    return F.silu(F.conv1d(x, weight, bias, padding=weight.shape[-1] - 1, groups=x.shape[1])[..., :x.shape[-1]])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -244,7 +249,8 @@ def _kernels() -> _Kernels:
     try:
         ssd = _import_bypassing_init("mamba_ssm", "ops.triton.ssd_combined")
         found.chunk_scan = ssd.mamba_chunk_scan_combined
-        if ssd.causal_conv1d_fwd_function is not None:
+        # 2.3.x names the fused path's conv entry causal_conv1d_fwd_function, 2.2.x causal_conv1d_cuda
+        if getattr(ssd, "causal_conv1d_fwd_function", None) or getattr(ssd, "causal_conv1d_cuda", None):
             found.split_conv1d_scan = ssd.mamba_split_conv1d_scan_combined
     except Exception as exc:
         found.problems["mamba_ssm Triton SSD (Mamba2)"] = f"import failed ({_error_text(exc)})"
@@ -430,12 +436,12 @@ class Mamba2(nn.Module):
                 headdim=self.headdim, ngroups=self.ngroups, norm_before_gate=False)
         groups_dim = self.ngroups * self.d_state
         z, xBC, dt = zxbcdt.split([self.d_inner, self.d_inner + 2 * groups_dim, self.nheads], dim=-1)
-        xBC = F.silu(_causal_conv1d(xBC.transpose(1, 2), self.conv1d.weight, self.conv1d.bias)).transpose(1, 2)
+        xBC = _causal_conv1d_silu(xBC.transpose(1, 2), self.conv1d.weight, self.conv1d.bias, kernels).transpose(1, 2)
         x, B, C = xBC.split([self.d_inner, groups_dim, groups_dim], dim=-1)
         x = x.unflatten(-1, (self.nheads, self.headdim))
         B = B.unflatten(-1, (self.ngroups, self.d_state))
         C = C.unflatten(-1, (self.ngroups, self.d_state))
-        if kernels is not None:  # Triton SSD; the conv above ran in torch (no causal_conv1d CUDA ext)
+        if kernels is not None:  # Triton SSD (no fused path: causal_conv1d's CUDA extension is missing)
             y = kernels.chunk_scan(x, dt, A, B, C, self.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_softplus=True)
         else:
             dt = F.softplus(dt.float() + self.dt_bias.float())
@@ -584,10 +590,7 @@ class Mamba1(nn.Module):
         ndir = len(self.directions)
         kernels = _kernels_for("Mamba1", x)
         conv_weight, conv_bias = self._stacked("conv1d.weight"), self._stacked("conv1d.bias")
-        if kernels is not None and kernels.causal_conv1d is not None:
-            x = kernels.causal_conv1d(x, conv_weight.squeeze(1), conv_bias, activation="silu")
-        else:
-            x = F.silu(_causal_conv1d(x, conv_weight, conv_bias))
+        x = _causal_conv1d_silu(x, conv_weight, conv_bias, kernels)
         x_dirs = x.view(batch, ndir, self.d_inner, seqlen)
         x_proj_weight = self._stacked("x_proj.weight").view(ndir, -1, self.d_inner)
         x_dbl = torch.einsum("bkdl,ked->bkel", x_dirs, x_proj_weight)

@@ -302,8 +302,46 @@ def test_mamba1_init():
 
 # ---------------------------------------------------------------------------------- backend dispatch
 
-def fake_kernels(chunk_scan=None, selective_scan=None, problems=None):
-    return ssm._Kernels(chunk_scan=chunk_scan, selective_scan=selective_scan, problems=problems or {})
+def fake_kernels(problems=None, **entry_points):
+    return ssm._Kernels(problems=problems or {}, **entry_points)
+
+
+# Stand-ins with the signatures of mamba-ssm 2.3 / causal-conv1d entry points, computing with torch.
+def stand_in_conv(x, weight, bias=None, activation=None):
+    assert weight.dim() == 2 and activation == "silu"
+    return F.silu(F.conv1d(F.pad(x, (weight.shape[-1] - 1, 0)), weight[:, None], bias, groups=x.shape[1]))
+
+
+def stand_in_chunk_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None,
+                        seq_idx=None, cu_seqlens=None, dt_softplus=False, dt_limit=(0.0, math.inf)):
+    assert dt_softplus and z is None and x.dim() == 4 and B.dim() == 4 and A.shape == D.shape
+    return (ssm.ssd_chunked(x, F.softplus(dt + dt_bias), A, B, C, chunk_size) + x * D[:, None]).to(x.dtype)
+
+
+def stand_in_split_conv1d_scan(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, initial_states=None,
+                               seq_idx=None, dt_limit=(0.0, math.inf), return_final_states=False,
+                               activation="silu", rmsnorm_weight=None, rmsnorm_eps=1e-6, outproj_weight=None,
+                               outproj_bias=None, headdim=None, ngroups=1, norm_before_gate=True):
+    """What mamba_split_conv1d_scan_ref computes, for the arguments Mamba2 passes."""
+    assert not norm_before_gate and rmsnorm_weight is not None and outproj_weight is not None
+    nheads = D.shape[0]
+    dim = nheads * headdim
+    dstate = (conv1d_weight.shape[0] - dim) // ngroups // 2
+    z, xBC, dt = zxbcdt.split([dim, dim + 2 * ngroups * dstate, nheads], dim=-1)
+    xBC = stand_in_conv(xBC.transpose(1, 2), conv1d_weight, conv1d_bias, activation).transpose(1, 2)
+    x, B, C = xBC.split([dim, ngroups * dstate, ngroups * dstate], dim=-1)
+    x, B, C = x.unflatten(-1, (nheads, headdim)), B.unflatten(-1, (ngroups, -1)), C.unflatten(-1, (ngroups, -1))
+    y = stand_in_chunk_scan(x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, dt_softplus=True)
+    gated = (y.flatten(-2) * F.silu(z)).unflatten(-1, (ngroups, -1))
+    normed = gated * torch.rsqrt(gated.pow(2).mean(-1, keepdim=True) + rmsnorm_eps)
+    return F.linear(normed.flatten(-2) * rmsnorm_weight, outproj_weight, outproj_bias)
+
+
+def stand_in_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                            return_last_state=False):
+    assert delta_softplus and B.is_contiguous() and C.is_contiguous()
+    assert len({t.dtype for t in (u, delta, B, C, z)}) == 1 and A.dtype == D.dtype == torch.float32
+    return ssm.selective_scan(u, delta, A, B, C, D, z=z, delta_bias=delta_bias)
 
 
 def test_backend_name_from_env_and_override(monkeypatch):
@@ -348,28 +386,23 @@ def test_set_backend_mamba_ssm_raises_when_not_installed(monkeypatch):
 
 def test_available_backends_reports_triton_only_install(monkeypatch):
     problems = {"mamba_ssm selective_scan_cuda (Mamba1)": "import failed (No module named 'selective_scan_cuda')"}
-    monkeypatch.setattr(ssm, "_kernels", lambda: fake_kernels(chunk_scan=print, problems=problems))
+    monkeypatch.setattr(ssm, "_kernels", lambda: fake_kernels(problems, chunk_scan=stand_in_chunk_scan))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     status = ssm.available_backends()
     assert status["torch"] is None and status["mamba_ssm:Mamba2"] is None
     assert "selective_scan_cuda" in status["mamba_ssm:Mamba1"] and "selective_scan_cuda" in status["mamba_ssm"]
 
 
-def test_kernel_call_conventions_match_torch_path(monkeypatch):
-    """Dispatch plumbing: stand-in kernels with mamba-ssm's signatures must reproduce the torch output."""
-    def chunk_scan(x, dt, A, B, C, chunk_size, D=None, dt_bias=None, dt_softplus=False):
-        assert dt_softplus and x.dim() == 4 and B.dim() == 4
-        dt = F.softplus(dt + dt_bias)
-        return (ssm.ssd_chunked(x, dt, A, B, C, chunk_size) + x * D[:, None]).to(x.dtype)
-
-    def selective_scan(u, delta, A, B, C, D, z=None, delta_bias=None, delta_softplus=False):
-        assert delta_softplus and B.is_contiguous() and C.is_contiguous()
-        return ssm.selective_scan(u, delta, A, B, C, D, z=z, delta_bias=delta_bias)
-
+@pytest.mark.parametrize("install", ["triton_only", "full"])
+def test_kernel_call_conventions_match_torch_path(monkeypatch, install):
+    """Dispatch plumbing: stand-ins with the kernels' signatures must reproduce the torch output."""
+    kernels = dict(chunk_scan=stand_in_chunk_scan, selective_scan=stand_in_selective_scan)
+    if install == "full":
+        kernels.update(split_conv1d_scan=stand_in_split_conv1d_scan, causal_conv1d=stand_in_conv)
     mixers = [(perturbed(ssm.Mamba2(32, d_state=8, headdim=16)), torch.randn(2, 9, 32)),
               (perturbed(ssm.Mamba1(16, bimamba_type="v3")), torch.randn(2, 17, 16))]
     expected = [m(u) for m, u in mixers]
-    monkeypatch.setattr(ssm, "_kernels", lambda: fake_kernels(chunk_scan, selective_scan))
+    monkeypatch.setattr(ssm, "_kernels", lambda: fake_kernels(**kernels))
     monkeypatch.setattr(ssm, "_unavailable_reason", lambda mixer, tensor: None)
     ssm.set_backend("mamba_ssm")
     for (m, u), y in zip(mixers, expected):
