@@ -5,8 +5,26 @@ exactly one of {solarize (threshold 128), grayscale, Gaussian blur radius U(0.1,
 ToTensor -> Normalize, no random erasing. It draws the same distribution, but a given seed does not give
 the same images as the official code (ECOSYSTEM).
 """
+from PIL import Image, ImageOps
+from timm.data import auto_augment, create_transform
 from torchvision import transforms
-from timm.data import create_transform
+
+
+def _posterize(img, bits_to_keep, **_):
+    """timm's posterize op with Pillow < 13 semantics: keeping 0 bits gives a black image.
+
+    RandAugment's PosterizeIncreasing asks for 0 bits at magnitude 10 (reached by `rand-m9-mstd0.5`),
+    which Pillow 13 rejects with a ValueError; older Pillow, which the official runs used, returned black.
+    """
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+for _name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+    auto_augment.NAME_TO_OP[_name] = _posterize
 
 
 def new_data_aug_generator(args):

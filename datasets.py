@@ -27,6 +27,8 @@ from torchvision.datasets.folder import default_loader, find_classes
 from timm.data import create_transform
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+import augment  # noqa: F401  (makes timm's RandAugment posterize work on Pillow 13)
+
 DATA_SETS = ("IMNET", "FOLDER", "CIFAR", "INAT", "INAT19", "DIGITS")
 BAD_IMAGE_MODES = ("error", "skip")
 INAT_YEARS = {"INAT": 2018, "INAT19": 2019}

@@ -298,3 +298,15 @@ def test_bad_images_mode_is_checked(tmp_path):
     make_folder(tmp_path, splits=("train",))
     with pytest.raises(DatasetError, match="bad_images must be one of"):
         build_dataset(True, make_args(data_path=str(tmp_path), bad_images="ignore"))
+
+
+def test_randaugment_posterize_zero_bits_gives_black_image():
+    """Magnitude 10 of PosterizeIncreasing keeps 0 bits: a black image (old Pillow), not a ValueError."""
+    from PIL import Image
+    from timm.data.auto_augment import AugmentOp
+
+    import datasets  # noqa: F401  (installs the posterize fix)
+
+    op = AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10)
+    out = op(Image.new("RGB", (8, 8), (200, 100, 50)))
+    assert out.getextrema() == ((0, 0), (0, 0), (0, 0))
