@@ -135,11 +135,14 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, los
         lr = max(group["lr"] for group in optimizer.param_groups)
         metric_logger.update(loss=loss_value)
         metric_logger.update(lr=lr)
-        if log_writer is not None and update_step:
-            # x axis in 1/1000 epochs, so runs with different batch sizes line up (ARM convention).
-            epoch_1000x = int((step / iters_per_epoch + epoch) * 1000)
-            log_writer.add_scalar("train_loss", utils.all_reduce_mean(loss_value), epoch_1000x)
-            log_writer.add_scalar("lr", lr, epoch_1000x)
+        if update_step:
+            # Every rank joins the reduce (only rank 0 has a writer; a reduce inside the `if` would hang).
+            mean_loss = utils.all_reduce_mean(loss_value)
+            if log_writer is not None:
+                # x axis in 1/1000 epochs, so runs with different batch sizes line up (ARM convention).
+                epoch_1000x = int((step / iters_per_epoch + epoch) * 1000)
+                log_writer.add_scalar("train_loss", mean_loss, epoch_1000x)
+                log_writer.add_scalar("lr", lr, epoch_1000x)
 
     metric_logger.synchronize_between_processes()
     print("Averaged stats:", metric_logger)
