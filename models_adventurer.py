@@ -5,7 +5,7 @@ released checkpoints load strictly and give the official logits, plus timm's mod
 (`forward_features`/`forward_head`, `forward_intermediates`, features_only, layer-decay groups, pretrained
 configs). Unlike ViT the class token sits at the END of the sequence, after the patch tokens.
 """
-import warnings
+from contextlib import nullcontext
 from functools import partial
 
 import torch
@@ -68,7 +68,8 @@ class Adventurer(nn.Module):
     flip_rule: "official" (flip layers with n // 2 == 1) or "every_two" (n % 2 == 1, the paper figure).
     official_drop_path: True keeps the official drop-path list `[0] + linspace(0, rate, depth)`.
     global_pool: "token" (class token, official), "avg" (mean of the patch tokens) or "" (no pooling).
-    Unknown keyword arguments are ignored with a warning, as the official class swallows them.
+    drop_block_rate is accepted and unused, as in the official class (its main.py passes it). Other unknown
+    arguments raise TypeError (timm's contract) where the official class silently swallows them.
     """
 
     def __init__(
@@ -90,12 +91,9 @@ class Adventurer(nn.Module):
             official_drop_path=True,
             global_pool="token",
             in_chans=None,
-            **kwargs,
+            drop_block_rate=None,
     ):
         super().__init__()
-        ignored = sorted(k for k, v in kwargs.items() if v is not None and k != "drop_block_rate")
-        if ignored:
-            warnings.warn(f"Adventurer ignores the arguments {', '.join(ignored)}")
         if flip_rule not in FLIP_RULES:
             raise ValueError(f"flip_rule must be one of {sorted(FLIP_RULES)}, got {flip_rule!r}")
         if global_pool not in GLOBAL_POOLS:
@@ -169,7 +167,9 @@ class Adventurer(nn.Module):
                 raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
             self.global_pool = global_pool
         self.num_classes = num_classes
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        like = dict(device=self.cls_token.device, dtype=self.cls_token.dtype)
+        self.head = nn.Linear(self.embed_dim, num_classes, **like) if num_classes > 0 else nn.Identity()
+        self.head.train(self.training)
 
     @torch.jit.ignore
     def load_pretrained(self, checkpoint_path, key=None):
@@ -298,15 +298,19 @@ def _create_adventurer(variant, pretrained=False, **kwargs):
     if overlay.get("file"):
         # Local official files go through Adventurer.load_pretrained: `model` entry, safe unpickling of args.
         overlay = {"custom_load": True, **overlay}
-    return build_model_with_cfg(
-        Adventurer,
-        variant,
-        pretrained,
-        pretrained_cfg_overlay=overlay,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=kwargs.pop("out_indices", 3), feature_cls="getter"),
-        **kwargs,
-    )
+    # timm's create_model(device=..., dtype=...): allocate on that device (meta builds cost nothing), then cast.
+    device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
+    with torch.device(device) if device is not None else nullcontext():
+        model = build_model_with_cfg(
+            Adventurer,
+            variant,
+            pretrained,
+            pretrained_cfg_overlay=overlay,
+            pretrained_filter_fn=checkpoint_filter_fn,
+            feature_cfg=dict(out_indices=kwargs.pop("out_indices", 3), feature_cls="getter"),
+            **kwargs,
+        )
+    return model.to(dtype=dtype) if dtype is not None else model
 
 
 def _cfg(file, img_size):
@@ -326,6 +330,8 @@ def _cfg(file, img_size):
         "classifier": "head",
         "license": "unknown",  # neither the official repository nor its README states a license
         "paper_ids": "arXiv:2410.07599",
+        "paper_name": "Adventurer: Optimizing Vision Mamba Architecture Designs for Extreme Efficiency",
+        "origin_url": "https://github.com/wangf3014/Adventurer",
     }
 
 

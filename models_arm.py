@@ -16,6 +16,7 @@ import argparse
 import re
 import sys
 import warnings
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 
@@ -313,18 +314,20 @@ def _xavier_init(module):
 # ---------------------------------------------------------------------------------------------------
 
 def _as_global_pool(value):
-    """Official `global_pool` is a bool; timm-style strings 'avg' (two-half mean) / 'token' (cls) map to it."""
+    """Official `global_pool` is a bool (True: two-half mean, False: cls token); kept as timm's 'avg' / 'token',
+    plus timm's '' (no pooling: the head sees the whole token sequence)."""
     if isinstance(value, str):
-        if value not in ("avg", "token"):
-            raise ValueError(f"ARM global_pool must be True/False, 'avg' or 'token', got {value!r}")
-        return value == "avg"
-    return bool(value)
+        if value not in ("avg", "token", ""):
+            raise ValueError(f"ARM global_pool must be True/False, 'avg', 'token' or '', got {value!r}")
+        return value
+    return "avg" if value else "token"
 
 
 class ARM(nn.Module):
     """ARM finetune classifier (SPEC 4): cls token inserted at index N//2, four-direction Mamba-1 blocks.
 
-    `global_pool=True` pools `(mean(tokens before cls) + mean(tokens after cls)) / 2`, else the cls token.
+    `global_pool=True` ('avg') pools `(mean(tokens before cls) + mean(tokens after cls)) / 2`, False ('token')
+    takes the cls token, '' keeps the token sequence.
     `official_drop_path=True` keeps the official `[0] + linspace` drop-path list (SPEC 9 item 3).
 
     Odd patch counts (e.g. a 15x15 grid): the v3 mixer places the cls slot at `L//2 = (N+1)//2` while the model
@@ -345,6 +348,7 @@ class ARM(nn.Module):
                           f"token at {(num_patches + 1) // 2}, the model puts it at {num_patches // 2} (official "
                           f"behaviour, SPEC 9 item 6)")
         self.num_classes = num_classes
+        self.in_chans = channels
         self.global_pool = _as_global_pool(global_pool)
         self.embed_dim = self.num_features = self.head_hidden_size = embed_dim
         self.cls_index = num_patches // 2
@@ -393,7 +397,9 @@ class ARM(nn.Module):
         self.num_classes = num_classes
         if global_pool is not None:
             self.global_pool = _as_global_pool(global_pool)
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        like = dict(device=self.cls_token.device, dtype=self.cls_token.dtype)
+        self.head = nn.Linear(self.embed_dim, num_classes, **like) if num_classes > 0 else nn.Identity()
+        self.head.train(self.training)
 
     def _embed(self, x):
         x = self.patch_embed(x)
@@ -410,9 +416,9 @@ class ARM(nn.Module):
 
     def forward_head(self, x, pre_logits=False):
         t = self.cls_index
-        if self.global_pool:
+        if self.global_pool == "avg":
             x = (x[:, :t].mean(1) + x[:, t + 1:].mean(1)) / 2
-        else:
+        elif self.global_pool == "token":
             x = x[:, t]
         return x if pre_logits else self.head(x)
 
@@ -567,9 +573,13 @@ default_cfgs = generate_default_cfgs({
 
 def _create_arm(variant, pretrained=False, **kwargs):
     out_indices = kwargs.pop("out_indices", 3)
-    return build_model_with_cfg(ARM, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-                                **{**MODEL_CONFIGS[variant], **kwargs})
+    # timm's create_model(device=..., dtype=...): allocate on that device (meta builds cost nothing), then cast.
+    device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
+    with torch.device(device) if device is not None else nullcontext():
+        model = build_model_with_cfg(ARM, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                     feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+                                     **{**MODEL_CONFIGS[variant], **kwargs})
+    return model.to(dtype=dtype) if dtype is not None else model
 
 
 @register_model

@@ -291,9 +291,17 @@ def test_official_initialisation():
         assert torch.all(block.norm.weight == 1)
 
 
-def test_unknown_arguments_warn_and_drop_block_rate_is_silent():
+def test_unknown_arguments_raise_and_drop_block_rate_is_accepted():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        small_model(drop_block_rate=0.1)
-    with pytest.warns(UserWarning, match="drop_path\\b"):
-        small_model(drop_path=0.2)
+        small_model(drop_block_rate=0.1)  # official main.py passes it; it has no effect
+    with pytest.raises(TypeError, match="drop_path"):
+        small_model(drop_path=0.2)  # timm's contract; the official class swallowed typos silently
+
+
+def test_timm_device_dtype_and_reset_classifier_follow_the_model():
+    model = timm.create_model("adventurer_large_patch16", device="meta", dtype=torch.bfloat16)
+    assert {(t.device.type, t.dtype) for t in model.state_dict().values()} == {("meta", torch.bfloat16)}
+    model.eval().reset_classifier(7)
+    assert (model.head.weight.device.type, model.head.weight.dtype, model.head.training) == ("meta", torch.bfloat16,
+                                                                                          False)

@@ -286,6 +286,8 @@ def test_forward_head_pooling_and_reset_classifier():
         torch.testing.assert_close(model.forward_head(tokens, pre_logits=True), tokens[:, 8])
         model.reset_classifier(0)
         assert model(x).shape == (2, 64) and model.num_features == model.head_hidden_size == 64
+        model.reset_classifier(0, global_pool="")
+        torch.testing.assert_close(model(x), tokens)  # timm's '' keeps the token sequence
     assert model.no_weight_decay() == {"pos_embed", "cls_token", "dist_token", "cls_token_head", "cls_token_tail"}
 
 
@@ -296,6 +298,17 @@ def _official_layer_id(name, num_layers):
     if name.startswith("layers"):
         return int(name.split(".")[1]) + 1
     return num_layers
+
+
+def test_timm_device_dtype_and_reset_classifier_follow_the_model():
+    model = timm.create_model("arm_huge_pz16", device="meta", dtype=torch.bfloat16)
+    assert {(t.device.type, t.dtype) for t in model.state_dict().values()} == {("meta", torch.bfloat16)}
+    assert model.in_chans == model.pretrained_cfg["input_size"][0] == 3
+    model.eval().reset_classifier(7)
+    assert (model.head.weight.device.type, model.head.weight.dtype, model.head.training) == ("meta", torch.bfloat16,
+                                                                                          False)
+    with pytest.raises(ValueError, match="'avg', 'token' or ''"):
+        model.reset_classifier(7, global_pool="max")
 
 
 def test_timm_layer_decay_matches_official_groups():
