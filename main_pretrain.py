@@ -1,0 +1,276 @@
+"""ARM autoregressive pretraining (official `main_pretrain.py` recipe, SPEC 7).
+
+Official flags and defaults are kept, so the README command runs as written. Additions (SPEC 11.5 and
+9 items 18/20): the epoch stored in the rolling `checkpoint--1.pth` is the real one (so resuming from it
+continues instead of restarting at epoch 0; `--official-epoch-fields` restores -1), `--dist_on_itp` is
+honoured, `--resume auto`, `--model-kwargs` for small configurations, `--data-set` for small local data,
+and `--amp` (official: bf16 autocast, fixed).
+"""
+import argparse
+import ast
+import importlib.util
+import datetime
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from timm.optim import param_groups_weight_decay
+from timm.utils import NativeScaler
+
+import checkpoint
+import datasets
+import engine
+import models_arm
+import ssm
+import utils
+
+
+def model_kwarg(text):
+    """`KEY=VALUE` -> (key, value); the value is a Python literal when it parses as one, else a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("ARM pre-training")
+    parser.add_argument("--batch_size", default=64, type=int,
+                        help="batch size per GPU (effective batch = batch_size * accum_iter * world size)")
+    parser.add_argument("--epochs", default=400, type=int)
+    parser.add_argument("--accum_iter", default=1, type=int, help="gradient accumulation steps")
+    parser.add_argument("--clip_grad", default=3.0, type=float, help="max gradient norm")
+    parser.add_argument("--max-iters-per-epoch", dest="max_iters_per_epoch", default=None, type=int,
+                        help="stop each epoch after this many iterations (smoke tests)")
+
+    # Model
+    parser.add_argument("--model", default="arm_base_pz16", type=str, metavar="MODEL")
+    parser.add_argument("--input_size", default=192, type=int,
+                        help="crop size; the official models are built for 192 (see --model-kwargs)")
+    parser.add_argument("--norm_pix_loss", action="store_true",
+                        help="accepted for the README command; targets are always normalised (SPEC 9.5)")
+    parser.add_argument("--model-kwargs", dest="model_kwargs", nargs="*", default=[], type=model_kwarg,
+                        metavar="KEY=VALUE",
+                        help="constructor overrides, e.g. img_size=48 patch_size=4 depth=4 embed_dim=64")
+    parser.add_argument("--ssm-backend", dest="ssm_backend", default=os.environ.get("SSM_BACKEND", "auto"),
+                        choices=["auto", "torch", "mamba_ssm"], help="selective-scan implementation")
+
+    # Optimiser and schedule
+    parser.add_argument("--weight_decay", type=float, default=0.05)
+    parser.add_argument("--wd-skip-ssm", dest="wd_skip_ssm", action="store_true",
+                        help="no weight decay on no_weight_decay() names and SSM A_log/D (official decays them)")
+    parser.add_argument("--lr", type=float, default=None, metavar="LR", help="absolute lr")
+    parser.add_argument("--blr", type=float, default=1e-3, metavar="LR",
+                        help="base lr: lr = blr * effective batch / 256")
+    parser.add_argument("--min_lr", type=float, default=0.0, metavar="LR", help="cosine floor")
+    parser.add_argument("--warmup_epochs", type=int, default=40, metavar="N")
+    parser.add_argument("--amp", default="bfloat16", choices=["bfloat16", "float16", "none"],
+                        help="autocast dtype (official: bfloat16)")
+
+    # Data
+    parser.add_argument("--data_path", default="/datasets01/imagenet_full_size/061417/", type=str)
+    parser.add_argument("--data-set", dest="data_set", default="IMNET", choices=["IMNET", "FOLDER", "DIGITS"],
+                        help="IMNET/FOLDER: <data_path>/train image folders; DIGITS: embedded scikit-learn digits")
+    parser.add_argument("--bad-images", dest="bad_images", default="error", choices=["error", "skip"],
+                        help="unreadable image: stop naming it, or skip it with a warning")
+    parser.add_argument("--num_workers", default=10, type=int)
+    parser.add_argument("--pin_mem", action="store_true", help="pin CPU memory in the DataLoader")
+    parser.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
+    parser.set_defaults(pin_mem=True)
+
+    # Output, logging, checkpoints
+    parser.add_argument("--output_dir", default="./output_dir", help="where to save, empty for no saving")
+    parser.add_argument("--log_dir", default="./output_dir", help="TensorBoard directory, empty for none")
+    parser.add_argument("--save-every", dest="save_every", default=20, type=int,
+                        help="keep checkpoint-{epoch}.pth every N epochs and at the end")
+    parser.add_argument("--official-epoch-fields", dest="official_epoch_fields", action="store_true",
+                        help="store epoch -1 in checkpoint--1.pth as the official code does")
+    parser.add_argument("--mlflow", action="store_true", help="also log to mlflow")
+    parser.add_argument("--if_wandb", action="store_true", help="also log to wandb")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--seed", default=0, type=int)
+    parser.add_argument("--resume", default="", help="checkpoint path, or 'auto' for the latest in output_dir")
+    parser.add_argument("--start_epoch", default=0, type=int, metavar="N")
+
+    # Distributed
+    parser.add_argument("--world_size", default=1, type=int, help="number of distributed processes")
+    parser.add_argument("--local-rank", "--local_rank", dest="local_rank", default=-1, type=int)
+    parser.add_argument("--dist_on_itp", action="store_true", help="OpenMPI environment variables")
+    parser.add_argument("--dist_url", default="env://")
+    return parser
+
+
+def resolve_device(args):
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: CUDA is not available here; pass --device cpu")
+    if args.device == "cuda" and args.distributed:
+        return torch.device("cuda", args.gpu)
+    return torch.device(args.device)
+
+
+def resolve_log_dir(args):
+    """TensorBoard is optional: the official default --log_dir turns it off quietly when it is not installed."""
+    if args.log_dir == "./output_dir" and importlib.util.find_spec("tensorboard") is None:
+        print("note: tensorboard is not installed, no TensorBoard logs (pip install tensorboard)")
+        args.log_dir = ""
+
+
+def resolve_resume(args):
+    """`--resume auto` -> the newest complete checkpoint in output_dir ('' when there is none yet)."""
+    if args.resume != "auto":
+        return args.resume
+    found = checkpoint.latest_checkpoint(args.output_dir) if args.output_dir else None
+    print(f"--resume auto: {found or 'no checkpoint in ' + repr(args.output_dir) + ', starting fresh'}")
+    return str(found) if found else ""
+
+
+def build_model(args):
+    overrides = dict(args.model_kwargs)
+    if "patch_size" in overrides:
+        overrides.setdefault("stride", overrides["patch_size"])  # ARM patches never overlap
+    try:
+        return models_arm.create_pretrain_model(args.model, norm_pix_loss=args.norm_pix_loss, **overrides)
+    except (ValueError, TypeError) as err:
+        raise SystemExit(f"--model {args.model} {dict(args.model_kwargs) or ''}: {err}") from None
+
+
+def weight_decay_groups(model, args):
+    """Official rule (timm add_weight_decay): 1-D tensors and biases undecayed, everything else decayed."""
+    skip = ()
+    if args.wd_skip_ssm:
+        skip = {*model.no_weight_decay(), "*.A*_log", "*.D", "*.D_*"}
+    return param_groups_weight_decay(model, weight_decay=args.weight_decay, no_weight_decay_list=skip)
+
+
+def parameter_checksum_in_sync(model, device):
+    """DDP keeps replicas identical; compare a parameter checksum across ranks and report it."""
+    checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
+    checksum = checksum.to(device)
+    gathered = [torch.zeros_like(checksum) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, checksum)
+    values = [float(t) for t in gathered]
+    in_sync = all(v == values[0] for v in values)
+    print(f"parameter checksum per rank: {values} ({'in sync' if in_sync else 'RANKS DIVERGED'})")
+    return in_sync
+
+
+def save(args, name, epoch, model, optimizer, loss_scaler, stored_epoch=None):
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": epoch if stored_epoch is None else stored_epoch,
+        "scaler": loss_scaler.state_dict(),
+        "args": args,
+    }
+    checkpoint.save_checkpoint(state, Path(args.output_dir) / name)
+
+
+def load_resume(args, model, optimizer, loss_scaler):
+    """Strict model load; optimizer, scaler and start epoch follow (official load_model)."""
+    ckpt = checkpoint.load_checkpoint_file(args.resume)
+    checkpoint.load_state_dict_strict(model, checkpoint.extract_state_dict(ckpt, key="model"), source=args.resume)
+    print(f"Resume checkpoint {args.resume}")
+    if "optimizer" in ckpt and "epoch" in ckpt:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt["epoch"] < 0:
+            print(f"note: {args.resume} stores epoch {ckpt['epoch']} (official rolling file), "
+                  f"continuing at --start_epoch {args.start_epoch}")
+        else:
+            args.start_epoch = ckpt["epoch"] + 1
+        if "scaler" in ckpt:
+            loss_scaler.load_state_dict(ckpt["scaler"])
+        print("With optim & sched!")
+
+
+def main(args):
+    utils.init_distributed_mode(args)
+    if args.output_dir:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    print("{}".format(args).replace(", ", ",\n"))
+    device = resolve_device(args)
+    try:
+        ssm.set_backend(args.ssm_backend)
+    except ssm.BackendUnavailableError as err:
+        raise SystemExit(f"--ssm-backend {args.ssm_backend}: {err}") from None
+    utils.seed_everything(args.seed + utils.get_rank())
+    torch.backends.cudnn.benchmark = True
+    args.resume = resolve_resume(args)
+    resolve_log_dir(args)
+
+    dataset_train = datasets.build_pretrain_dataset(args)
+    print(dataset_train)
+    # Official: always a DistributedSampler (also with one process), shuffled, the last partial batch dropped.
+    sampler_train = torch.utils.data.DistributedSampler(
+        dataset_train, num_replicas=utils.get_world_size(), rank=utils.get_rank(), shuffle=True)
+    data_loader_train = torch.utils.data.DataLoader(
+        dataset_train, sampler=sampler_train, batch_size=args.batch_size, num_workers=args.num_workers,
+        pin_memory=args.pin_mem and device.type == "cuda", drop_last=True,
+        persistent_workers=args.num_workers > 0)
+    if len(data_loader_train) == 0:
+        raise SystemExit(f"--batch_size {args.batch_size} is larger than the {len(sampler_train)} training "
+                         f"samples per process; no full batch to train on")
+
+    model = build_model(args)
+    model.to(device)
+    model_without_ddp = model
+    print(f"Model = {model_without_ddp}")
+
+    eff_batch_size = args.batch_size * args.accum_iter * utils.get_world_size()
+    if args.lr is None:
+        args.lr = args.blr * eff_batch_size / 256
+    print(f"base lr: {args.lr * 256 / eff_batch_size:.2e}")
+    print(f"actual lr: {args.lr:.2e}")
+    print(f"accumulate grad iterations: {args.accum_iter}")
+    print(f"effective batch size: {eff_batch_size}")
+
+    if args.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[args.gpu] if device.type == "cuda" else None)
+        model_without_ddp = model.module
+
+    optimizer = torch.optim.AdamW(weight_decay_groups(model_without_ddp, args), lr=args.lr, betas=(0.9, 0.95))
+    print(optimizer)
+    loss_scaler = NativeScaler(device=device.type)
+    amp_dtype = utils.parse_amp(args.amp)
+    if args.resume:
+        load_resume(args, model_without_ddp, optimizer, loss_scaler)
+
+    def lr_schedule(epoch_float):
+        return engine.cosine_lr_per_iter(optimizer, epoch_float, args.lr, args.min_lr, args.warmup_epochs,
+                                         args.epochs)
+
+    logger = utils.ExperimentLogger(args, args.output_dir)
+    print(f"Start training for {args.epochs} epochs")
+    start_time = time.time()
+    for epoch in range(args.start_epoch, args.epochs):
+        sampler_train.set_epoch(epoch)
+        train_stats = engine.train_one_epoch(
+            model, None, data_loader_train, optimizer, device, epoch, loss_scaler,
+            amp_dtype=amp_dtype, clip_grad=args.clip_grad, accum_iter=args.accum_iter,
+            lr_schedule=lr_schedule, log_writer=logger if args.log_dir else None, print_freq=100,
+            max_iters=args.max_iters_per_epoch)
+        if args.output_dir:
+            if epoch % args.save_every == 0 or epoch + 1 == args.epochs:
+                save(args, f"checkpoint-{epoch}.pth", epoch, model_without_ddp, optimizer, loss_scaler)
+            save(args, "checkpoint--1.pth", epoch, model_without_ddp, optimizer, loss_scaler,
+                 stored_epoch=-1 if args.official_epoch_fields else None)
+        logger.log({**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}, step=epoch)
+
+    if args.distributed:
+        parameter_checksum_in_sync(model_without_ddp, device)
+    logger.close()
+    print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
+
+
+if __name__ == "__main__":
+    args = get_args_parser().parse_args()
+    try:
+        main(args)
+    except (checkpoint.CheckpointError, datasets.DatasetError) as err:
+        sys.exit(f"error: {err}")
