@@ -12,6 +12,7 @@ when they can run on the given tensors and the torch path otherwise. mamba_ssm i
 first use, with its package `__init__` bypassed: that file imports the CUDA extension, which a
 Triton-only install (MAMBA_SKIP_CUDA_BUILD=TRUE) lacks although the Triton SSD kernels work.
 """
+import contextlib
 import functools
 import importlib
 import importlib.util
@@ -44,6 +45,13 @@ class BackendUnavailableError(RuntimeError):
 # torch backend: the two scans
 # ----------------------------------------------------------------------------------------------------
 
+def _autocast_off(device_type: str):
+    """Autocast disabled for the fp32 state math; devices without autocast (meta) need no context."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _segsum(a: torch.Tensor) -> torch.Tensor:
     """out[..., i, j] = sum_{j < k <= i} a[..., k] (0 on the diagonal), -inf for j > i.
 
@@ -65,7 +73,7 @@ def ssd_chunked(x, dt, A, B, C, chunk_size=256):
     inside chunks, plus states passed between chunks by a small (chunks x chunks) decay matrix; no
     loop over tokens or chunks. Everything runs in float32 with autocast off. Returns float32 y.
     """
-    with torch.autocast(x.device.type, enabled=False):
+    with _autocast_off(x.device.type):
         x, dt, A, B, C = (t.float() for t in (x, dt, A, B, C))
         batch, seqlen, nheads, headdim = x.shape
         ngroups, dstate = B.shape[-2:]
@@ -138,7 +146,7 @@ class _ChunkScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dlast):
         u, delta, A, B, C, state = ctx.saved_tensors
-        with torch.autocast(dy.device.type, enabled=False):
+        with _autocast_off(dy.device.type):
             decay, states = _chunk_states(u, delta, A, B, state)
             adjoint = dy[..., None] * C.transpose(-1, -2)[:, :, None]
             adjoint[..., -1, :] += dlast
@@ -166,7 +174,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, chunk_len
     each chunk, so training keeps O(b d l) activations instead of O(b d l n log l).
     """
     dtype = u.dtype
-    with torch.autocast(u.device.type, enabled=False):
+    with _autocast_off(u.device.type):
         batch, dim, seqlen = u.shape
         if B.dim() == 3:
             B, C = B[:, None], C[:, None]

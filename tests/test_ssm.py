@@ -423,3 +423,10 @@ def test_import_bypassing_a_broken_package_init(tmp_path, monkeypatch):
     finally:
         for name in ("pkg_with_cuda_init", "pkg_with_cuda_init.ops", "pkg_with_cuda_init.ops.kernel"):
             sys.modules.pop(name, None)
+
+
+def test_mixers_run_shape_only_on_the_meta_device():
+    """timm's config tests build and run models on meta; autocast is unavailable there."""
+    with torch.device("meta"):
+        assert ssm.Mamba2(64)(torch.randn(2, 10, 64)).shape == (2, 10, 64)
+        assert ssm.Mamba1(64, bimamba_type="v3")(torch.randn(2, 17, 64)).shape == (2, 17, 64)
