@@ -245,9 +245,12 @@ def build_model(args):
         close = difflib.get_close_matches(args.model, names, n=5, cutoff=0.6) or list_models("adventurer*")
         raise SystemExit(f"unknown model '{args.model}'; close matches: {', '.join(close)}")
     print(f"Creating model: {args.model}")
-    return create_model(args.model, pretrained=False, num_classes=args.nb_classes, drop_rate=args.drop,
-                        drop_path_rate=args.drop_path, drop_block_rate=None, img_size=args.input_size,
-                        flip_rule=args.flip_rule, **parse_model_kwargs(args.model_kwargs))
+    try:
+        return create_model(args.model, pretrained=False, num_classes=args.nb_classes, drop_rate=args.drop,
+                            drop_path_rate=args.drop_path, drop_block_rate=None, img_size=args.input_size,
+                            flip_rule=args.flip_rule, **parse_model_kwargs(args.model_kwargs))
+    except (TypeError, ValueError) as err:  # a misspelt --model-kwargs key or an impossible geometry
+        raise SystemExit(f"cannot build {args.model}: {err}") from None
 
 
 def load_checkpoint_container(path):

@@ -177,6 +177,11 @@ def test_unknown_model_lists_close_matches(folder):
                          "--model", "adventurer_tiny_patch61"]))
 
 
+def test_misspelt_model_kwarg_ends_with_one_line(folder):
+    with pytest.raises(SystemExit, match="cannot build adventurer_tiny_patch16: .*dept"):
+        main.main(parse(["--data-set", "FOLDER", "--data-path", str(folder), *TINY, "--model-kwargs", "dept=2"]))
+
+
 def test_missing_data_and_checkpoint_end_with_one_line(folder, tmp_path):
     with pytest.raises(SystemExit, match="^error: .*not found"):
         main.main(parse(["--data-set", "FOLDER", "--data-path", str(tmp_path / "nowhere"), *TINY, "--eval"]))
