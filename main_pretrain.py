@@ -189,6 +189,8 @@ def load_resume(args, model, optimizer, loss_scaler):
 
 
 def main(args):
+    if args.model not in models_arm.MODEL_CONFIGS:  # before any data is read
+        raise SystemExit(f"--model {args.model}: not an ARM model; valid names: {', '.join(models_arm.MODEL_CONFIGS)}")
     utils.init_distributed_mode(args)
     if args.output_dir:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
