@@ -219,6 +219,10 @@ def main(args):
                          f"samples per process; no full batch to train on")
 
     model = build_model(args)
+    if model.patch_embed.img_size != args.input_size:
+        raise SystemExit(f"--input_size {args.input_size} does not match the model's img_size "
+                         f"{model.patch_embed.img_size} (official models: 192); pass --model-kwargs "
+                         f"img_size={args.input_size} to build it at that size")
     model.to(device)
     model_without_ddp = model
     print(f"Model = {model_without_ddp}")

@@ -128,6 +128,8 @@ def test_bad_input_gives_one_line(tmp_path, monkeypatch):
     message = run_as_script(TINY[:2] + ["--data_path", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path)],
                             monkeypatch)
     assert message.startswith("error:") and "nowhere" in message and "\n" not in message
+    message = run_as_script(TINY + ["--input_size", "24", "--output_dir", str(tmp_path)], monkeypatch)
+    assert "--input_size 24" in message and "img_size 16" in message
     (tmp_path / "broken.pth").write_bytes(b"not a checkpoint")
     message = run_as_script(TINY + ["--resume", str(tmp_path / "broken.pth"), "--output_dir", str(tmp_path)],
                             monkeypatch)
