@@ -131,11 +131,9 @@ def resolve_resume(args):
 
 
 def build_model(args):
-    overrides = dict(args.model_kwargs)
-    if "patch_size" in overrides:
-        overrides.setdefault("stride", overrides["patch_size"])  # ARM patches never overlap
     try:
-        return models_arm.create_pretrain_model(args.model, norm_pix_loss=args.norm_pix_loss, **overrides)
+        return models_arm.create_pretrain_model(args.model, norm_pix_loss=args.norm_pix_loss,
+                                                **dict(args.model_kwargs))
     except (ValueError, TypeError) as err:
         raise SystemExit(f"--model {args.model} {dict(args.model_kwargs) or ''}: {err}") from None
 

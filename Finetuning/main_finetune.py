@@ -185,8 +185,6 @@ def build_model(args):
     kwargs = dict(num_classes=args.nb_classes, drop_path_rate=args.drop_path, global_pool=bool(args.global_pool),
                   img_size=args.input_size)
     overrides = dict(args.model_kwargs)
-    if "patch_size" in overrides:
-        overrides.setdefault("stride", overrides["patch_size"])  # ARM patches never overlap
     if overrides.get("img_size", args.input_size) != args.input_size:
         raise SystemExit(f"--model-kwargs img_size={overrides['img_size']} conflicts with --input_size "
                          f"{args.input_size}; the finetuning model is built at --input_size")
@@ -250,7 +248,7 @@ def load_resume(args, model, model_ema, optimizer, loss_scaler):
     return ckpt.get("max_accuracy", 0.0), ckpt.get("ema_max_accuracy", 0.0)
 
 
-def parameter_checksum_in_sync(model, device):
+def parameter_checksum_in_sync(model, device, what=""):
     """DDP keeps replicas identical; compare a parameter checksum across ranks and report it."""
     checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
     checksum = checksum.to(device)
@@ -258,7 +256,7 @@ def parameter_checksum_in_sync(model, device):
     dist.all_gather(gathered, checksum)
     values = [float(t) for t in gathered]
     in_sync = all(v == values[0] for v in values)
-    print(f"parameter checksum per rank: {values} ({'in sync' if in_sync else 'RANKS DIVERGED'})")
+    print(f"{what}parameter checksum per rank: {values} ({'in sync' if in_sync else 'RANKS DIVERGED'})")
     return in_sync
 
 
@@ -384,6 +382,9 @@ def main(args):
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[args.gpu] if device.type == "cuda" else None)
         model_without_ddp = model.module
+        if model_ema is not None:
+            # DDP broadcast rank 0's weights; ranks seeded seed + rank would otherwise keep different EMAs.
+            model_ema.set(model_without_ddp)
 
     # timm's layer-decay groups with the model's group_matcher reproduce the official param_groups_lrd.
     param_groups = param_groups_layer_decay(model_without_ddp, weight_decay=args.weight_decay,
@@ -458,6 +459,8 @@ def main(args):
 
     if args.distributed:
         parameter_checksum_in_sync(model_without_ddp, device)
+        if model_ema is not None:
+            parameter_checksum_in_sync(model_ema.module, device, "EMA ")
     logger.close()
     print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
     return log_stats

@@ -131,7 +131,7 @@ def test_default_model_error_lists_valid_names(folder_data):
 
 
 def test_pretrain_weights_are_transferred(pretrain_checkpoint):
-    model = models_arm.create_finetune_model("arm_base_pz16", patch_size=2, stride=2, depth=4, embed_dim=16,
+    model = models_arm.create_finetune_model("arm_base_pz16", patch_size=2, depth=4, embed_dim=16,
                                              img_size=24, num_classes=3)
     main_finetune.load_finetune_weights(model, pretrain_checkpoint)
     source = checkpoint.load_checkpoint_file(pretrain_checkpoint)["model"]
@@ -145,7 +145,7 @@ def test_pretrain_weights_are_transferred(pretrain_checkpoint):
 def test_finetuned_checkpoint_loads_at_another_size(finetuned):
     out, _ = finetuned
     source = checkpoint.load_checkpoint_file(out / "checkpoint-1.pth")["model"]
-    model = models_arm.create_finetune_model("arm_base_pz16", patch_size=2, stride=2, depth=4, embed_dim=16,
+    model = models_arm.create_finetune_model("arm_base_pz16", patch_size=2, depth=4, embed_dim=16,
                                              img_size=24, num_classes=5)
     main_finetune.load_finetune_weights(model, out / "checkpoint-1.pth")
     assert model.pos_embed.shape == (1, 145, 16)
@@ -216,7 +216,8 @@ def test_two_process_gloo_run_stays_in_sync(tmp_path, folder_data, pretrain_chec
          str(pretrain_checkpoint), "--epochs", "1", "--ema_decay", "0.9", "--dist_eval", "--output_dir", str(tmp_path)],
         cwd=ROOT / "Finetuning", env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    line = next(line for line in result.stdout.splitlines() if line.startswith("parameter checksum per rank"))
-    values = json.loads(line.split(": ", 1)[1].split(" (")[0])
-    assert len(values) == 2 and values[0] == values[1] and "in sync" in line
+    for what in ("parameter", "EMA parameter"):  # the EMA too: it starts from DDP's broadcast weights
+        line = next(line for line in result.stdout.splitlines() if line.startswith(f"{what} checksum per rank"))
+        values = json.loads(line.split(": ", 1)[1].split(" (")[0])
+        assert len(values) == 2 and values[0] == values[1] and "in sync" in line
     assert "ema_test_acc1" in log_rows(tmp_path)[0]
