@@ -4,12 +4,13 @@ Official flags and defaults are kept, so the README command runs as written. Add
 9 items 18/20): the epoch stored in the rolling `checkpoint--1.pth` is the real one (so resuming from it
 continues instead of restarting at epoch 0; `--official-epoch-fields` restores -1), `--dist_on_itp` is
 honoured, `--resume auto`, `--model-kwargs` for small configurations, `--data-set` for small local data,
-and `--amp` (official: bf16 autocast, fixed).
+`--amp` (official: bf16 autocast, fixed) and the opt-in `--wd-skip-ssm`. Nothing is saved when
+`--output_dir` is empty (official: `checkpoint--1.pth` landed in the current directory).
 """
 import argparse
 import ast
-import importlib.util
 import datetime
+import importlib.util
 import os
 import sys
 import time

@@ -7,12 +7,13 @@ repository root. Official flags and defaults are kept. Official defects fixed (S
 (`--official-epoch-fields` restores -10/-20); `--global_pool False` really means False; a resumed
 checkpoint without accuracy fields starts from 0; an unknown `--model` lists the valid names;
 `--finetune` also accepts an already finetuned checkpoint (position table resized, no second zero
-token); the distributed validation sampler does not shuffle.
+token); the EMA starts from DDP's broadcast weights on every rank; the distributed validation sampler
+does not shuffle.
 """
 import argparse
 import ast
-import importlib.util
 import datetime
+import importlib.util
 import os
 import sys
 import time
@@ -37,9 +38,9 @@ import ssm  # noqa: E402
 import utils  # noqa: E402
 
 TRUE_WORDS = {"true", "1", "yes", "y", "on", "t", "avg", "mean"}
+FALSE_WORDS = {"false", "0", "no", "n", "off", "f", "", "token", "cls"}
 # Left freshly initialised by the pretrain -> finetune transfer (SPEC 4.4 step 4).
 FRESH_AFTER_TRANSFER = ("cls_token", "head.", "norm_f.")
-FALSE_WORDS = {"false", "0", "no", "n", "off", "f", "", "token", "cls"}
 
 
 def str2bool(text):
@@ -426,7 +427,6 @@ def main(args):
             amp_dtype=amp_dtype, clip_grad=args.clip_grad, accum_iter=args.accum_iter, model_ema=model_ema,
             mixup_fn=mixup_fn, lr_schedule=lr_schedule, log_writer=logger if args.log_dir else None, print_freq=200,
             max_iters=args.max_iters_per_epoch)
-        keep = dict(model=model_without_ddp, model_ema=model_ema, optimizer=optimizer, loss_scaler=loss_scaler)
 
         test_stats = engine.evaluate(data_loader_val, model_without_ddp, device, amp_dtype=amp_dtype)
         print(f"Accuracy of the network on the {len(data_loader_val.dataset)} test images: {test_stats['acc1']:.1f}%")
@@ -442,14 +442,15 @@ def main(args):
             print(f"Max EMA accuracy: {ema_max_accuracy:.2f}%")
 
         if args.output_dir:
-            # Bests are written after the running maxima are updated, so resuming from one keeps them.
-            best = dict(max_accuracy=max_accuracy, ema_max_accuracy=ema_max_accuracy, **keep)
+            # Written after the running maxima are updated, so resuming from a best file keeps them.
+            state = dict(model=model_without_ddp, model_ema=model_ema, optimizer=optimizer, loss_scaler=loss_scaler,
+                         max_accuracy=max_accuracy, ema_max_accuracy=ema_max_accuracy)
             if raw_improved:
-                save(args, "checkpoint--10.pth", -10 if args.official_epoch_fields else epoch, **best)
+                save(args, "checkpoint--10.pth", -10 if args.official_epoch_fields else epoch, **state)
             if ema_improved:
-                save(args, "checkpoint--20.pth", -20 if args.official_epoch_fields else epoch, **best)
+                save(args, "checkpoint--20.pth", -20 if args.official_epoch_fields else epoch, **state)
             if epoch % args.save_every == 0 or epoch + 1 == args.epochs:
-                save(args, f"checkpoint-{epoch}.pth", epoch, **best)
+                save(args, f"checkpoint-{epoch}.pth", epoch, **state)
 
         log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
                      **{f"test_{k}": v for k, v in test_stats.items()},
