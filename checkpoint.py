@@ -208,6 +208,15 @@ def latest_checkpoint(output_dir, patterns=("checkpoint.pth", "checkpoint-*.pth"
     return max(ranked)[2] if ranked else None
 
 
+def resolve_resume(resume, output_dir):
+    """`--resume auto` -> the newest complete checkpoint in `output_dir` ('' when there is none yet)."""
+    if resume != "auto":
+        return resume
+    found = latest_checkpoint(output_dir) if output_dir else None
+    print(f"--resume auto: {'resuming from ' + str(found) if found else f'no checkpoint in {output_dir!r}, starting fresh'}")
+    return str(found) if found else ""
+
+
 def resize_pos_embed(pos_embed, new_grid, old_grid=None, cls_position="last"):
     """Bicubically resample a (1, T, C) position table to `new_grid`, keeping the cls slot's vector.
 

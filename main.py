@@ -20,7 +20,6 @@ Every official flag keeps its name and default. Departures from the official scr
   inside an epoch so a killed job loses at most N iterations.
 """
 import argparse
-import ast
 import copy
 import datetime
 import difflib
@@ -69,7 +68,7 @@ def get_args_parser():
                         help="image size (--input-szie: the official README's spelling)")
     parser.add_argument("--drop", type=float, default=0.0, metavar="PCT", help="dropout after the position embedding")
     parser.add_argument("--drop-path", type=float, default=0.1, metavar="PCT")
-    parser.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--model-kwargs", nargs="*", default=[], type=utils.model_kwarg, metavar="KEY=VALUE",
                         help="extra model constructor arguments, e.g. depth=2 embed_dim=64 patch_size=4")
     parser.add_argument("--flip-rule", default="official", choices=["official", "every_two"],
                         help="which blocks flip the patch order (SPEC 9.1)")
@@ -195,17 +194,9 @@ def get_args_parser():
     return parser
 
 
-def parse_model_kwargs(items):
-    """['depth=2', 'embed_dim=64', 'norm=rms'] -> {'depth': 2, 'embed_dim': 64, 'norm': 'rms'}."""
-    kwargs = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--model-kwargs expects KEY=VALUE items, got {item!r}")
-        try:
-            kwargs[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            kwargs[key] = value
+def parse_model_kwargs(pairs):
+    """`--model-kwargs` pairs as a dict; num_classes and img_size belong to their own flags."""
+    kwargs = dict(pairs)
     for key, flag in (("num_classes", "the data set"), ("img_size", "--input-size")):
         if key in kwargs:
             raise SystemExit(f"--model-kwargs {key}=... is set by {flag}; remove it")
@@ -230,13 +221,6 @@ def check_args(args):
         raise SystemExit("--save-every-iters must be a multiple of --accum_iter (saves happen after optimiser steps)")
     if args.resume == "auto" and not args.output_dir:
         raise SystemExit("--resume auto looks for checkpoints in --output_dir; set --output_dir")
-
-
-def resolve_device(args):
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {args.device} asked for CUDA, which is not available here; pass --device cpu")
-    return device
 
 
 def build_model(args):
@@ -441,17 +425,6 @@ def training_state(model, optimizer, lr_scheduler, epoch, model_ema, loss_scaler
     }
 
 
-def resolve_resume(args):
-    if args.resume != "auto":
-        return args.resume
-    found = checkpoint.latest_checkpoint(args.output_dir)
-    if found is None:
-        print(f"--resume auto: no checkpoint in {args.output_dir}, starting from scratch")
-        return ""
-    print(f"--resume auto: resuming from {found}")
-    return str(found)
-
-
 def resume_training(args, ckpt, model, optimizer, lr_scheduler, model_ema, loss_scaler):
     """Restore the training state; returns (start_epoch, iterations of that epoch already done)."""
     for name, target in (("optimizer", optimizer), ("lr_scheduler", lr_scheduler)):
@@ -488,7 +461,7 @@ def run(args):
     check_args(args)
     if args.ssm_backend:
         ssm.set_backend(args.ssm_backend)
-    device = resolve_device(args)
+    device = utils.resolve_device(args)
     utils.seed_everything(args.seed + utils.get_rank())
     cudnn.benchmark = True
 
@@ -503,7 +476,7 @@ def run(args):
     print("number of params:", n_parameters)
 
     amp_dtype = utils.parse_amp(args.amp)
-    resume_path = resolve_resume(args)
+    resume_path = checkpoint.resolve_resume(args.resume, args.output_dir)
     ckpt = load_checkpoint_container(resume_path) if resume_path else None
     if ckpt is not None:
         checkpoint.load_state_dict_strict(model, checkpoint.extract_state_dict(ckpt), source=resume_path)

@@ -8,16 +8,13 @@ honoured, `--resume auto`, `--model-kwargs` for small configurations, `--data-se
 `--output_dir` is empty (official: `checkpoint--1.pth` landed in the current directory).
 """
 import argparse
-import ast
 import datetime
-import importlib.util
 import os
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from timm.optim import param_groups_weight_decay
 from timm.utils import NativeScaler
 
@@ -27,17 +24,6 @@ import engine
 import models_arm
 import ssm
 import utils
-
-
-def model_kwarg(text):
-    """`KEY=VALUE` -> (key, value); the value is a Python literal when it parses as one, else a string."""
-    key, sep, value = text.partition("=")
-    if not sep or not key.isidentifier():
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        return key, ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return key, value
 
 
 def get_args_parser():
@@ -56,7 +42,7 @@ def get_args_parser():
                         help="crop size; the official models are built for 192 (see --model-kwargs)")
     parser.add_argument("--norm_pix_loss", action="store_true",
                         help="accepted for the README command; targets are always normalised (SPEC 9.5)")
-    parser.add_argument("--model-kwargs", dest="model_kwargs", nargs="*", default=[], type=model_kwarg,
+    parser.add_argument("--model-kwargs", dest="model_kwargs", nargs="*", default=[], type=utils.model_kwarg,
                         metavar="KEY=VALUE",
                         help="constructor overrides, e.g. img_size=48 patch_size=4 depth=4 embed_dim=64")
     parser.add_argument("--ssm-backend", dest="ssm_backend", default=os.environ.get("SSM_BACKEND", "auto"),
@@ -107,30 +93,6 @@ def get_args_parser():
     return parser
 
 
-def resolve_device(args):
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"--device {args.device}: CUDA is not available here; pass --device cpu")
-    if args.device == "cuda" and args.distributed:
-        return torch.device("cuda", args.gpu)
-    return torch.device(args.device)
-
-
-def resolve_log_dir(args):
-    """TensorBoard is optional: the official default --log_dir turns it off quietly when it is not installed."""
-    if args.log_dir == "./output_dir" and importlib.util.find_spec("tensorboard") is None:
-        print("note: tensorboard is not installed, no TensorBoard logs (pip install tensorboard)")
-        args.log_dir = ""
-
-
-def resolve_resume(args):
-    """`--resume auto` -> the newest complete checkpoint in output_dir ('' when there is none yet)."""
-    if args.resume != "auto":
-        return args.resume
-    found = checkpoint.latest_checkpoint(args.output_dir) if args.output_dir else None
-    print(f"--resume auto: {found or 'no checkpoint in ' + repr(args.output_dir) + ', starting fresh'}")
-    return str(found) if found else ""
-
-
 def build_model(args):
     try:
         return models_arm.create_pretrain_model(args.model, norm_pix_loss=args.norm_pix_loss,
@@ -145,18 +107,6 @@ def weight_decay_groups(model, args):
     if args.wd_skip_ssm:
         skip = {*model.no_weight_decay(), "*.A*_log", "*.D", "*.D_*"}
     return param_groups_weight_decay(model, weight_decay=args.weight_decay, no_weight_decay_list=skip)
-
-
-def parameter_checksum_in_sync(model, device):
-    """DDP keeps replicas identical; compare a parameter checksum across ranks and report it."""
-    checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
-    checksum = checksum.to(device)
-    gathered = [torch.zeros_like(checksum) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, checksum)
-    values = [float(t) for t in gathered]
-    in_sync = all(v == values[0] for v in values)
-    print(f"parameter checksum per rank: {values} ({'in sync' if in_sync else 'RANKS DIVERGED'})")
-    return in_sync
 
 
 def save(args, name, epoch, model, optimizer, loss_scaler, stored_epoch=None):
@@ -194,15 +144,15 @@ def main(args):
     if args.output_dir:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     print("{}".format(args).replace(", ", ",\n"))
-    device = resolve_device(args)
+    device = utils.resolve_device(args)
     try:
         ssm.set_backend(args.ssm_backend)
     except ssm.BackendUnavailableError as err:
         raise SystemExit(f"--ssm-backend {args.ssm_backend}: {err}") from None
     utils.seed_everything(args.seed + utils.get_rank())
     torch.backends.cudnn.benchmark = True
-    args.resume = resolve_resume(args)
-    resolve_log_dir(args)
+    args.resume = checkpoint.resolve_resume(args.resume, args.output_dir)
+    utils.resolve_log_dir(args)
 
     dataset_train = datasets.build_pretrain_dataset(args)
     print(dataset_train)
@@ -268,7 +218,7 @@ def main(args):
         logger.log({**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}, step=epoch)
 
     if args.distributed:
-        parameter_checksum_in_sync(model_without_ddp, device)
+        utils.parameter_checksum_in_sync(model_without_ddp, device)
     logger.close()
     print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
 

@@ -5,9 +5,12 @@ no launcher works (official Adventurer crashes on the unset `args.gpu`), CPU run
 hard-coded nccl, metric sync follows the process-group backend instead of assuming CUDA, and the
 optional loggers (wandb, mlflow, tensorboard) are imported only when asked for.
 """
+import argparse
+import ast
 import builtins
 import datetime
 import importlib
+import importlib.util
 import json
 import os
 import random
@@ -288,6 +291,49 @@ def autocast(device, amp):
 
 def count_parameters(model, trainable_only=True):
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+# ---------------------------------------------------------------------------------------------------
+# command-line helpers shared by the three entry points
+
+
+def model_kwarg(text):
+    """argparse type for `--model-kwargs KEY=VALUE`: (key, Python literal, or the string when not one)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
+def resolve_device(args):
+    """`--device` as a torch.device (this process's GPU under DDP); a clear exit when CUDA is absent."""
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device} asked for CUDA, which is not available here; pass --device cpu")
+    if device.type == "cuda" and device.index is None and getattr(args, "distributed", False):
+        device = torch.device("cuda", args.gpu)
+    return device
+
+
+def resolve_log_dir(args, official_default="./output_dir"):
+    """TensorBoard is optional: the official default `--log_dir` turns it off with a note when absent."""
+    if args.log_dir == official_default and importlib.util.find_spec("tensorboard") is None:
+        print("note: tensorboard is not installed, no TensorBoard logs (pip install tensorboard)")
+        args.log_dir = ""
+
+
+def parameter_checksum_in_sync(model, device, what=""):
+    """Compare a parameter checksum across ranks and print it: DDP replicas must stay identical."""
+    checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1).to(device)
+    gathered = [torch.zeros_like(checksum) for _ in range(get_world_size())]
+    dist.all_gather(gathered, checksum)
+    values = [float(t) for t in gathered]
+    in_sync = all(v == values[0] for v in values)
+    print(f"{what}parameter checksum per rank: {values} ({'in sync' if in_sync else 'RANKS DIVERGED'})")
+    return in_sync
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -11,9 +11,7 @@ token); the EMA starts from DDP's broadcast weights on every rank; the distribut
 does not shuffle.
 """
 import argparse
-import ast
 import datetime
-import importlib.util
 import os
 import sys
 import time
@@ -24,7 +22,6 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 from timm.data import Mixup  # noqa: E402
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy  # noqa: E402
 from timm.optim import param_groups_layer_decay  # noqa: E402
@@ -53,17 +50,6 @@ def str2bool(text):
     raise argparse.ArgumentTypeError(f"expected one of {sorted(TRUE_WORDS | FALSE_WORDS - {''})}, got {text!r}")
 
 
-def model_kwarg(text):
-    """`KEY=VALUE` -> (key, value); the value is a Python literal when it parses as one, else a string."""
-    key, sep, value = text.partition("=")
-    if not sep or not key.isidentifier():
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        return key, ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return key, value
-
-
 def get_args_parser():
     parser = argparse.ArgumentParser("ARM fine-tuning for image classification")
     parser.add_argument("--batch_size", default=64, type=int,
@@ -78,7 +64,7 @@ def get_args_parser():
                         help="arm_base_pz16, arm_large_pz16 or arm_huge_pz16 (the official default is not one)")
     parser.add_argument("--input_size", default=224, type=int, help="model image size and crop size")
     parser.add_argument("--drop_path", type=float, default=0.1, metavar="PCT")
-    parser.add_argument("--model-kwargs", dest="model_kwargs", nargs="*", default=[], type=model_kwarg,
+    parser.add_argument("--model-kwargs", dest="model_kwargs", nargs="*", default=[], type=utils.model_kwarg,
                         metavar="KEY=VALUE", help="constructor overrides, e.g. patch_size=4 depth=2 embed_dim=64")
     parser.add_argument("--ssm-backend", dest="ssm_backend", default=os.environ.get("SSM_BACKEND", "auto"),
                         choices=["auto", "torch", "mamba_ssm"], help="selective-scan implementation")
@@ -158,30 +144,6 @@ def get_args_parser():
     return parser
 
 
-def resolve_device(args):
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"--device {args.device}: CUDA is not available here; pass --device cpu")
-    if args.device == "cuda" and args.distributed:
-        return torch.device("cuda", args.gpu)
-    return torch.device(args.device)
-
-
-def resolve_log_dir(args):
-    """TensorBoard is optional: the official default --log_dir turns it off quietly when it is not installed."""
-    if args.log_dir == "./output_dir" and importlib.util.find_spec("tensorboard") is None:
-        print("note: tensorboard is not installed, no TensorBoard logs (pip install tensorboard)")
-        args.log_dir = ""
-
-
-def resolve_resume(args):
-    """`--resume auto` -> the newest complete checkpoint in output_dir ('' when there is none yet)."""
-    if args.resume != "auto":
-        return args.resume
-    found = checkpoint.latest_checkpoint(args.output_dir) if args.output_dir else None
-    print(f"--resume auto: {found or 'no checkpoint in ' + repr(args.output_dir) + ', starting fresh'}")
-    return str(found) if found else ""
-
-
 def build_model(args):
     kwargs = dict(num_classes=args.nb_classes, drop_path_rate=args.drop_path, global_pool=bool(args.global_pool),
                   img_size=args.input_size)
@@ -247,18 +209,6 @@ def load_resume(args, model, model_ema, optimizer, loss_scaler):
             loss_scaler.load_state_dict(ckpt["scaler"])
         print("With optim & sched!")
     return ckpt.get("max_accuracy", 0.0), ckpt.get("ema_max_accuracy", 0.0)
-
-
-def parameter_checksum_in_sync(model, device, what=""):
-    """DDP keeps replicas identical; compare a parameter checksum across ranks and report it."""
-    checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
-    checksum = checksum.to(device)
-    gathered = [torch.zeros_like(checksum) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, checksum)
-    values = [float(t) for t in gathered]
-    in_sync = all(v == values[0] for v in values)
-    print(f"{what}parameter checksum per rank: {values} ({'in sync' if in_sync else 'RANKS DIVERGED'})")
-    return in_sync
 
 
 def build_data(args, device):
@@ -339,15 +289,15 @@ def main(args):
     if args.output_dir:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     print("{}".format(args).replace(", ", ",\n"))
-    device = resolve_device(args)
+    device = utils.resolve_device(args)
     try:
         ssm.set_backend(args.ssm_backend)
     except ssm.BackendUnavailableError as err:
         raise SystemExit(f"--ssm-backend {args.ssm_backend}: {err}") from None
     utils.seed_everything(args.seed + utils.get_rank())
     torch.backends.cudnn.benchmark = True
-    args.resume = resolve_resume(args)
-    resolve_log_dir(args)
+    args.resume = checkpoint.resolve_resume(args.resume, args.output_dir)
+    utils.resolve_log_dir(args)
     amp_dtype = utils.parse_amp(args.amp)
 
     data_loader_train, data_loader_val = build_data(args, device)
@@ -459,9 +409,9 @@ def main(args):
         logger.log(log_stats, step=epoch)
 
     if args.distributed:
-        parameter_checksum_in_sync(model_without_ddp, device)
+        utils.parameter_checksum_in_sync(model_without_ddp, device)
         if model_ema is not None:
-            parameter_checksum_in_sync(model_ema.module, device, "EMA ")
+            utils.parameter_checksum_in_sync(model_ema.module, device, "EMA ")
     logger.close()
     print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
     return log_stats

@@ -152,12 +152,13 @@ def test_official_readme_commands_parse():
 def test_launcher_rank_flags_and_model_kwargs():
     assert parse(["--local-rank=3"]).local_rank == 3
     assert parse(["--local_rank", "2"]).local_rank == 2
-    kwargs = main.parse_model_kwargs(["depth=2", "embed_dim=64", "flip_rule=every_two", "ssm_cfg={'headdim': 16}"])
+    args = parse(["--model-kwargs", "depth=2", "embed_dim=64", "flip_rule=every_two", "ssm_cfg={'headdim': 16}"])
+    kwargs = main.parse_model_kwargs(args.model_kwargs)
     assert kwargs == {"depth": 2, "embed_dim": 64, "flip_rule": "every_two", "ssm_cfg": {"headdim": 16}}
     with pytest.raises(SystemExit, match="--input-size"):
-        main.parse_model_kwargs(["img_size=64"])
-    with pytest.raises(SystemExit, match="KEY=VALUE"):
-        main.parse_model_kwargs(["depth"])
+        main.parse_model_kwargs(parse(["--model-kwargs", "img_size=64"]).model_kwargs)
+    with pytest.raises(SystemExit):  # argparse: "expected KEY=VALUE"
+        parse(["--model-kwargs", "depth"])
 
 
 @pytest.mark.parametrize("flags, message", [
