@@ -401,6 +401,8 @@ def main(args):
                 save(args, "checkpoint--20.pth", -20 if args.official_epoch_fields else epoch, **state)
             if epoch % args.save_every == 0 or epoch + 1 == args.epochs:
                 save(args, f"checkpoint-{epoch}.pth", epoch, **state)
+            # Rolling file, as pretraining writes: `--resume auto` after a kill loses at most one epoch.
+            save(args, "checkpoint--1.pth", epoch, **state)
 
         log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
                      **{f"test_{k}": v for k, v in test_stats.items()},

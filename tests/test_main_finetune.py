@@ -166,6 +166,8 @@ def test_finetune_trains_evaluates_and_checkpoints(finetuned):
     assert saved["max_accuracy"] == max(row["test_acc1"] for row in rows)
     for best in ("checkpoint--10.pth", "checkpoint--20.pth"):
         assert checkpoint.load_checkpoint_file(out / best)["epoch"] in (0, 1)  # real epochs, not -10 / -20
+    assert checkpoint.load_checkpoint_file(out / "checkpoint--1.pth")["epoch"] == 1  # rolling, every epoch
+    assert checkpoint.latest_checkpoint(out).name in ("checkpoint--1.pth", "checkpoint-1.pth")
     groups = saved["optimizer"]["param_groups"]
     assert max(g["lr_scale"] for g in groups) == 1.0 and min(g["lr_scale"] for g in groups) == pytest.approx(0.75 ** 5)
 
