@@ -34,7 +34,8 @@ __all__ = [
 
 BACKENDS = ("auto", "torch", "mamba_ssm")
 INSTALL_HINT = "pip install mamba-ssm causal-conv1d --no-build-isolation  (on a machine with CUDA and nvcc)"
-SCAN_CHUNK = 64  # tokens per chunk of the torch selective scan: bounds memory to (B, D, 64, N) per step
+SCAN_CHUNK = 16  # tokens per chunk of the torch selective scan: (B, D, 16, N) states per step; shorter
+# chunks mean fewer doubling steps per token (log2 16 = 4), which measured fastest on CPU (B=64, L=128)
 
 
 class BackendUnavailableError(RuntimeError):
@@ -110,9 +111,10 @@ def _linear_scan(decay, value):
     overflow, unlike cumsum-of-exp formulations.
     """
     length, step = value.shape[-2], 1
+    value, decay = value.clone(), decay.clone()  # updated in place below: no padded copies per step
     while step < length:  # combine each position with the one `step` earlier
-        value = value + decay * F.pad(value, (0, 0, step, 0))[..., :length, :]
-        decay = decay * F.pad(decay, (0, 0, step, 0), value=1.0)[..., :length, :]
+        value[..., step:, :] += decay[..., step:, :] * value[..., :-step, :]
+        decay[..., step:, :] = decay[..., step:, :] * decay[..., :-step, :]
         step *= 2
     return value, decay
 
