@@ -237,6 +237,11 @@ def _build(is_train, args, transform):
     raise DatasetError(f"unknown data set {name!r}; choose from {', '.join(DATA_SETS)}")
 
 
+def skipped_images(*data_sets):
+    """How many unreadable images `--bad-images skip` has skipped so far in these data sets."""
+    return sum(getattr(d, "bad_image_count", 0) for d in data_sets)
+
+
 def build_dataset(is_train, args, transform=None):
     """(dataset, nb_classes); the transform defaults to Adventurer's `build_transform(is_train, args)`.
 

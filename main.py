@@ -492,6 +492,10 @@ def run(args):
         print(f"Accuracy of the network on the {len(dataset_val)} test images: {stats['test_acc1']:.1f}%")
         if ema_model is not None:
             print(f"Accuracy of the EMA weights on the {len(dataset_val)} test images: {stats['ema_test_acc1']:.1f}%")
+        skipped = datasets.skipped_images(dataset_val)
+        if skipped:
+            stats["bad_images_skipped"] = skipped
+            print(f"{skipped} unreadable images skipped (--bad-images skip)")
         logger.log({**stats, "eval": True, "checkpoint": resume_path}, step=0)
         logger.close()
         return {"model": model, "stats": stats}
@@ -583,6 +587,10 @@ def run(args):
 
         log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, **test_stats,
                      "epoch": epoch, "n_parameters": n_parameters}
+        skipped = datasets.skipped_images(dataset_train, dataset_val)
+        if skipped:
+            log_stats["bad_images_skipped"] = skipped
+            print(f"{skipped} unreadable images skipped so far (--bad-images skip)")
         logger.log(log_stats, step=epoch)
 
     logger.close()

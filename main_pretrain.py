@@ -215,7 +215,10 @@ def main(args):
                 save(args, f"checkpoint-{epoch}.pth", epoch, model_without_ddp, optimizer, loss_scaler)
             save(args, "checkpoint--1.pth", epoch, model_without_ddp, optimizer, loss_scaler,
                  stored_epoch=-1 if args.official_epoch_fields else None)
-        logger.log({**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}, step=epoch)
+        log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
+        if datasets.skipped_images(dataset_train):
+            log_stats["bad_images_skipped"] = datasets.skipped_images(dataset_train)
+        logger.log(log_stats, step=epoch)
 
     if args.distributed:
         utils.parameter_checksum_in_sync(model_without_ddp, device)

@@ -408,6 +408,9 @@ def main(args):
                      **{f"test_{k}": v for k, v in test_stats.items()},
                      **{f"ema_test_{k}": v for k, v in ema_test_stats.items()},
                      "epoch": epoch, "n_parameters": n_parameters}
+        skipped = datasets.skipped_images(data_loader_train.dataset, data_loader_val.dataset)
+        if skipped:
+            log_stats["bad_images_skipped"] = skipped
         logger.log(log_stats, step=epoch)
 
     if args.distributed:

@@ -411,6 +411,7 @@ def test_bad_image_stops_with_its_name_or_is_skipped(folder, tmp_path):
     with pytest.warns(RuntimeWarning, match="skipping unreadable image"):
         stats = run_main(copy, "--eval", "--bad-images", "skip")["stats"]
     assert 0.0 <= stats["test_acc1"] <= 100.0
+    assert stats["bad_images_skipped"] == 1
 
 
 def test_accuracy_rises_on_digits(tmp_path):
