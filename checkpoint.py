@@ -163,6 +163,8 @@ def save_checkpoint(obj, path):
         payload = save({k: v.detach().cpu().contiguous().clone() for k, v in obj.items()}, metadata={"format": "pt"})
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp creates the file 0600; give it the permissions a plain open() would (shared run folders).
+        os.chmod(tmp_name, 0o666 & ~_current_umask())
         with os.fdopen(fd, "wb") as f:
             if path.suffix == ".safetensors":
                 f.write(payload)
@@ -175,6 +177,12 @@ def save_checkpoint(obj, path):
         Path(tmp_name).unlink(missing_ok=True)
         raise
     return path
+
+
+def _current_umask():
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def _stored_epoch(path):

@@ -40,10 +40,6 @@ def _unwrap(model):
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
-def _autocast(device, amp_dtype):
-    return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-
-
 def cosine_lr_per_iter(optimizer, epoch_float, lr, min_lr, warmup_epochs, epochs):
     """Half-cycle cosine with linear warmup at a fractional epoch (MAE/ARM rule); returns the unscaled lr.
 
@@ -107,7 +103,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, los
         # Skip the DDP all-reduce on micro-steps that only accumulate.
         sync_context = nullcontext() if update_step or not hasattr(model, "no_sync") else model.no_sync()
         with sync_context:
-            with _autocast(device, amp_dtype):
+            with utils.autocast(device, amp_dtype):
                 outputs = model(samples)
                 loss = outputs.mean() if criterion is None else criterion(outputs, targets)
             loss_value = loss.item()
@@ -167,7 +163,7 @@ def evaluate(data_loader, model, device, amp_dtype=None, print_freq=10, header="
         images, target = _split_batch(batch)
         images = images.to(device, non_blocking=True)
         target = target.to(device, non_blocking=True)
-        with _autocast(device, amp_dtype):
+        with utils.autocast(device, amp_dtype):
             output = model(images)
             loss = criterion(output, target)
         acc1, acc5 = accuracy(output.float(), target, topk=(1, min(5, output.shape[-1])))

@@ -471,7 +471,7 @@ def run(args):
         load_finetune_weights(model, args)
     model.to(device)
     model_without_ddp = model
-    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_parameters = utils.count_parameters(model)
     print(model)
     print("number of params:", n_parameters)
 

@@ -6,7 +6,8 @@
 that script is accepted here. Each Slurm task runs `main(args)` of the script with its rank taken from
 submitit. Logs, checkpoints and the job's output go to `--job_dir` (`%j` = Slurm job id); when it is empty,
 `/mnt/data/$USER/experiments/%j` as in the official launcher, or `./experiments/%j` when /mnt/data does not
-exist. The process-group rendezvous file lives beside it, so that folder must be visible from every node.
+exist. The process-group rendezvous file always goes to that shared folder (/mnt/data/$USER/experiments or
+./experiments, also when `--job_dir` points elsewhere), so it must be visible from every node.
 submitit is optional (`pip install submitit`) and imported only here.
 """
 import argparse

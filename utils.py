@@ -282,7 +282,7 @@ def parse_amp(value):
 
 
 def autocast(device, amp):
-    """torch.autocast for `amp` on the device's type, or a no-op context when amp is off."""
+    """torch.autocast for `amp` (an --amp string or a torch.dtype) on the device's type; a no-op when off."""
     dtype = parse_amp(amp)
     if dtype is None:
         return nullcontext()

@@ -147,6 +147,14 @@ def test_failed_save_leaves_previous_file_and_no_temp(tmp_path, monkeypatch):
     assert checkpoint.load_checkpoint_file(path)["epoch"] == 1
 
 
+def test_saved_file_has_the_permissions_of_a_plain_write(tmp_path):
+    """Atomic saves go through mkstemp (0600); the result must stay readable like a torch.save file."""
+    plain = tmp_path / "plain.pth"
+    torch.save({"epoch": 0}, plain)
+    saved = checkpoint.save_checkpoint({"epoch": 0}, tmp_path / "atomic.pth")
+    assert oct(saved.stat().st_mode & 0o777) == oct(plain.stat().st_mode & 0o777)
+
+
 def test_latest_checkpoint_by_epoch_then_mtime_skipping_incomplete(tmp_path):
     assert checkpoint.latest_checkpoint(tmp_path / "missing") is None
     assert checkpoint.latest_checkpoint(tmp_path) is None
