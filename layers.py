@@ -1,4 +1,4 @@
-"""Small model blocks shared by the Adventurer and ARM models.
+"""Small model blocks and helpers shared by the Adventurer and ARM models.
 
 They keep the official parameter names (``proj``, ``w1/w2/w3``) so official checkpoints load strictly,
 and the official initialisers (timm 0.4.12 semantics, SPEC 2.3) so from-scratch runs start alike.
@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
+from torch.utils.checkpoint import checkpoint
 
 # timm 0.4.12 divided the lecun std by this constant (std of a +-2 sigma truncated unit normal).
 _TRUNC_STD_CORRECTION = 0.87962566103423978
@@ -26,6 +27,15 @@ class SwiGLU(nn.Module):
 
     def forward(self, x):
         return self.w3(self.ffn_ln(F.silu(self.w1(x)) * self.w2(x)))
+
+
+def square_img_size(img_size, model_name):
+    """timm passes ``input_size[-2:]`` as img_size; the official models take square inputs only."""
+    if isinstance(img_size, (tuple, list)):
+        if len(img_size) != 2 or img_size[0] != img_size[1]:
+            raise ValueError(f"{model_name} needs a square input, got img_size={tuple(img_size)}")
+        return int(img_size[0])
+    return int(img_size)
 
 
 class PatchEmbed(nn.Module):
@@ -90,6 +100,29 @@ def init_weights_official(module, n_layer):
             nn.init.kaiming_uniform_(param, a=math.sqrt(5))
             with torch.no_grad():
                 param /= math.sqrt(n_layer)
+
+
+def init_classifier_official(model, n_layer):
+    """Official init of a classifier with ``patch_embed``, ``head``, ``pos_embed`` and ``cls_token`` (SPEC 2.3, 4.3).
+
+    Lecun-normal patch conv, trunc-normal (0.02) head, pos_embed and cls_token, then the
+    ``init_weights_official`` walk; this order is the official RNG order, so a seed gives the official weights.
+    """
+    lecun_normal_official_(model.patch_embed.proj.weight)
+    nn.init.zeros_(model.patch_embed.proj.bias)
+    if isinstance(model.head, nn.Linear):
+        trunc_normal_(model.head.weight, std=0.02)
+        nn.init.zeros_(model.head.bias)
+    trunc_normal_(model.pos_embed, std=0.02)
+    trunc_normal_(model.cls_token, std=0.02)
+    model.apply(lambda module: init_weights_official(module, n_layer))
+
+
+def run_block(block, x, grad_checkpointing):
+    """``block(x)``, recomputed in backward (activation checkpointing) when asked for and gradients are on."""
+    if grad_checkpointing and torch.is_grad_enabled():
+        return checkpoint(block, x, use_reentrant=False)
+    return block(x)
 
 
 def _sincos_1d(embed_dim, positions):

@@ -10,14 +10,13 @@ from functools import partial
 
 import torch
 import torch.nn as nn
-import torch.utils.checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import DropPath
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from checkpoint import extract_state_dict, load_checkpoint_file, load_state_dict_strict, resize_pos_embed
-from layers import PatchEmbed, SwiGLU, drop_path_rates, init_weights_official, lecun_normal_official_
+from layers import PatchEmbed, SwiGLU, drop_path_rates, init_classifier_official, run_block, square_img_size
 from ssm import Mamba2
 
 __all__ = ["Adventurer", "checkpoint_filter_fn"]
@@ -98,7 +97,7 @@ class Adventurer(nn.Module):
             raise ValueError(f"flip_rule must be one of {sorted(FLIP_RULES)}, got {flip_rule!r}")
         if global_pool not in GLOBAL_POOLS:
             raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
-        img_size = _square_size(img_size)
+        img_size = square_img_size(img_size, "Adventurer")
         self.in_chans = channels if in_chans is None else in_chans  # timm passes in_chans
         self.num_classes = num_classes
         self.global_pool = global_pool
@@ -127,18 +126,7 @@ class Adventurer(nn.Module):
         self.norm_f = norm_layer(embed_dim)
         self.feature_info = [
             dict(module=f"layers.{i}", num_chs=embed_dim, reduction=patch_size) for i in range(depth)]
-        self._init_weights(depth)
-
-    def _init_weights(self, depth):
-        """SPEC 2.3: lecun-normal patch conv, trunc-normal head/pos/cls, then the mamba-ssm walk."""
-        lecun_normal_official_(self.patch_embed.proj.weight)
-        nn.init.zeros_(self.patch_embed.proj.bias)
-        if isinstance(self.head, nn.Linear):
-            trunc_normal_(self.head.weight, std=0.02)
-            nn.init.zeros_(self.head.bias)
-        trunc_normal_(self.pos_embed, std=0.02)
-        trunc_normal_(self.cls_token, std=0.02)
-        self.apply(partial(init_weights_official, n_layer=depth))
+        init_classifier_official(self, n_layer=depth)
 
     @torch.jit.ignore
     def no_weight_decay(self):
@@ -193,16 +181,11 @@ class Adventurer(nn.Module):
         x = torch.cat([x, self.cls_token.expand(x.shape[0], -1, -1)], dim=1)  # class token LAST
         return self.pos_drop(x + self.pos_embed)
 
-    def _run_layer(self, layer, x):
-        if self.grad_checkpointing:
-            return torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
-        return layer(x)
-
     def forward_features(self, x):
         """Images -> normalised tokens (B, N+1, C): patches in raster order, class token last."""
         x = self._embed(x)
         for layer in self.layers:
-            x = self._run_layer(layer, x)
+            x = run_block(layer, x, self.grad_checkpointing)
         return self.norm_f(x)
 
     def forward_head(self, x, pre_logits=False):
@@ -239,7 +222,7 @@ class Adventurer(nn.Module):
         layers = self.layers[:max_index + 1] if stop_early else self.layers
         intermediates = []
         for i, layer in enumerate(layers):
-            x = self._run_layer(layer, x)
+            x = run_block(layer, x, self.grad_checkpointing)
             if i in take_indices:
                 intermediates.append(self.norm_f(x) if norm else x)
         prefix_tokens = [y[:, -1:] for y in intermediates]
@@ -263,16 +246,6 @@ class Adventurer(nn.Module):
         if prune_head:
             self.reset_classifier(0, "")
         return take_indices
-
-
-def _square_size(img_size):
-    """timm passes `input_size[-2:]` as img_size; the official model supports square inputs only."""
-    if isinstance(img_size, int):
-        return img_size
-    height, width = img_size
-    if height != width:
-        raise ValueError(f"Adventurer needs a square input, got img_size={tuple(img_size)}")
-    return height
 
 
 def checkpoint_filter_fn(state_dict, model):

@@ -27,13 +27,12 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
-from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from checkpoint import (CheckpointError, extract_state_dict, insert_token, load_checkpoint_file,
                         resize_pos_embed, save_checkpoint)
-from layers import (PatchEmbed, SwiGLU, drop_path_rates, init_weights_official, lecun_normal_official_,
-                    sincos_2d_pos_embed)
-from ssm import Mamba1
+from layers import (PatchEmbed, SwiGLU, drop_path_rates, init_classifier_official, init_weights_official,
+                    lecun_normal_official_, run_block, sincos_2d_pos_embed, square_img_size)
+from ssm import V3_DIRECTIONS, Mamba1
 
 __all__ = ["VisionMamba", "ARM", "MODEL_CONFIGS", "create_pretrain_model", "create_finetune_model",
            "pretrain_to_finetune", "init_head_for_finetune", "checkpoint_filter_fn", "is_pretrain_state_dict"]
@@ -67,20 +66,11 @@ def _check_official_flags(kwargs, cls_name):
                              f"got {kwargs[name]!r}")
 
 
-def _square_size(img_size):
-    """timm passes img_size as (H, W); ARM models are square."""
-    if isinstance(img_size, (tuple, list)):
-        if len(img_size) != 2 or img_size[0] != img_size[1]:
-            raise ValueError(f"ARM models need a square input, got img_size={tuple(img_size)}")
-        return int(img_size[0])
-    return int(img_size)
-
-
 def _make_patch_embed(img_size, patch_size, stride, channels, embed_dim):
     """`stride=None` means `patch_size` (the official models always use stride = patch size)."""
     if stride is not None and stride != patch_size:
         raise ValueError(f"ARM uses non-overlapping patches: stride ({stride}) must equal patch_size ({patch_size})")
-    return PatchEmbed(_square_size(img_size), patch_size, channels, embed_dim)
+    return PatchEmbed(square_img_size(img_size, "ARM"), patch_size, channels, embed_dim)
 
 
 def default_tap_layers(depth):
@@ -111,12 +101,6 @@ class Block(nn.Module):
     def forward(self, x):
         x = x + self.drop_path(self.mixer(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
-
-
-def _run_layer(layer, x, grad_checkpointing):
-    if grad_checkpointing and torch.is_grad_enabled():
-        return activation_checkpoint(layer, x, use_reentrant=False)
-    return layer(x)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -265,7 +249,7 @@ class VisionMamba(nn.Module):
         x = to_clusters(x, self.patch_embed.grid_size, self.cluster_size)[:, :-1].flatten(1, 2)
         taps = []
         for count, layer in enumerate(self.layers, start=1):
-            x = _run_layer(layer, x, self.grad_checkpointing)
+            x = run_block(layer, x, self.grad_checkpointing)
             if count in self.tap_layers:
                 taps.append(getattr(self, f"norm_{len(taps) + 1}")(x))
         features = self.enc2dec(torch.cat(taps, dim=-1))
@@ -363,18 +347,7 @@ class ARM(nn.Module):
         self.grad_checkpointing = False
         self.feature_info = [dict(module=f"layers.{i}", num_chs=embed_dim, reduction=patch_size)
                              for i in range(depth)]
-        self._init_weights(depth)
-
-    def _init_weights(self, depth):
-        """SPEC 4.3: lecun patch conv, trunc-normal head/pos/cls (0.02), then the mamba walk."""
-        lecun_normal_official_(self.patch_embed.proj.weight)
-        nn.init.zeros_(self.patch_embed.proj.bias)
-        if isinstance(self.head, nn.Linear):
-            trunc_normal_(self.head.weight, std=0.02)
-            nn.init.zeros_(self.head.bias)
-        trunc_normal_(self.pos_embed, std=0.02)
-        trunc_normal_(self.cls_token, std=0.02)
-        self.apply(partial(init_weights_official, n_layer=depth))
+        init_classifier_official(self, n_layer=depth)
 
     @torch.jit.ignore
     def no_weight_decay(self):
@@ -411,7 +384,7 @@ class ARM(nn.Module):
         """Images -> normalised token sequence `(B, N+1, C)`, cls at index N//2."""
         x = self._embed(x)
         for layer in self.layers:
-            x = _run_layer(layer, x, self.grad_checkpointing)
+            x = run_block(layer, x, self.grad_checkpointing)
         return self.norm_f(x)
 
     def forward_head(self, x, pre_logits=False):
@@ -436,7 +409,7 @@ class ARM(nn.Module):
         x = self._embed(x)
         intermediates = []
         for i, layer in enumerate(layers):
-            x = _run_layer(layer, x, self.grad_checkpointing)
+            x = run_block(layer, x, self.grad_checkpointing)
             if i in take_indices:
                 intermediates.append(self.norm_f(x) if norm else x)
         t, grid = self.cls_index, self.patch_embed.grid_size
@@ -466,7 +439,6 @@ class ARM(nn.Module):
 # Pretrain -> finetune transfer and checkpoint filter
 # ---------------------------------------------------------------------------------------------------
 
-_DIRECTIONS = ("_b", "_c", "_c_b")
 # Single-direction mixer parameter -> name pattern of the same parameter for direction suffix {s}.
 _MIXER_DIRECTION_NAMES = {
     "A_log": "A{s}_log", "D": "D{s}",
@@ -498,7 +470,7 @@ def pretrain_to_finetune(state_dict, model):
         match = _MIXER_KEY.match(key)
         if match and match.group(2) in _MIXER_DIRECTION_NAMES:
             prefix, pattern = match.group(1), _MIXER_DIRECTION_NAMES[match.group(2)]
-            for suffix in _DIRECTIONS:
+            for suffix in V3_DIRECTIONS[1:]:
                 out[prefix + pattern.format(s=suffix)] = value
     if "pos_embed" in out:
         grid = model.patch_embed.grid_size
@@ -583,17 +555,17 @@ def _create_arm(variant, pretrained=False, **kwargs):
 
 
 @register_model
-def arm_base_pz16(pretrained=False, **kwargs):
+def arm_base_pz16(pretrained=False, **kwargs) -> ARM:
     return _create_arm("arm_base_pz16", pretrained, **kwargs)
 
 
 @register_model
-def arm_large_pz16(pretrained=False, **kwargs):
+def arm_large_pz16(pretrained=False, **kwargs) -> ARM:
     return _create_arm("arm_large_pz16", pretrained, **kwargs)
 
 
 @register_model
-def arm_huge_pz16(pretrained=False, **kwargs):
+def arm_huge_pz16(pretrained=False, **kwargs) -> ARM:
     return _create_arm("arm_huge_pz16", pretrained, **kwargs)
 
 

@@ -586,7 +586,7 @@ class Mamba1(nn.Module):
         y = self._scan(x, z)  # (b, ndir*d, l), gated by z
         y = y.view(batch, ndir, self.d_inner, seqlen).transpose(2, 3)  # (b, ndir, l, d)
         if ndir > 1:
-            y = y[:, torch.arange(ndir, device=y.device)[:, None], restore].sum(1) / 4
+            y = y[:, torch.arange(ndir, device=y.device)[:, None], restore].sum(1) / ndir
         else:
             y = y[:, 0]
         return self.out_proj(y)

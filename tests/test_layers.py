@@ -15,6 +15,7 @@ from layers import (
     init_weights_official,
     lecun_normal_official_,
     sincos_2d_pos_embed,
+    square_img_size,
 )
 
 
@@ -58,6 +59,13 @@ def test_patch_embed_rejects_wrong_size():
     embed = PatchEmbed(img_size=32, patch_size=8, in_chans=3, embed_dim=6)
     with pytest.raises(ValueError, match="img_size=48"):
         embed(torch.zeros(1, 3, 48, 48))
+
+
+def test_square_img_size_accepts_int_or_square_pair_only():
+    assert square_img_size(32, "Toy") == 32 and square_img_size((48, 48), "Toy") == 48
+    for bad in ((32, 48), (32, 32, 32)):
+        with pytest.raises(ValueError, match=r"Toy needs a square input, got img_size=\("):
+            square_img_size(bad, "Toy")
 
 
 def test_drop_path_rates_official_offset():
