@@ -141,11 +141,12 @@ def run(args):
     backends = usable_backends(args.backends.split(","), device)
     results = []
 
-    def record(subject, backend, shape, measure_fn):
+    def record(subject, backend, shape, module, make_input):
         row = dict(subject=subject, backend=backend, shape=shape)
         try:
             ssm.set_backend(backend)
-            row.update(zip(("forward_ms", "train_step_ms", "forward_peak_mib", "train_step_peak_mib"), measure_fn()))
+            timings = forward_and_train_step(module, make_input, device, amp_dtype, args.repeats)
+            row.update(zip(("forward_ms", "train_step_ms", "forward_peak_mib", "train_step_peak_mib"), timings))
         except torch.cuda.OutOfMemoryError:
             row["skipped"] = "out of memory"
         except ssm.BackendUnavailableError as exc:  # e.g. a model whose Mamba1 has no kernel here
@@ -167,9 +168,8 @@ def run(args):
                 continue
             torch.manual_seed(0)
             module = factory()
-            record(name, backend, shape, lambda: forward_and_train_step(
-                module, lambda: torch.randn(args.batch, length, args.dim, device=device, requires_grad=True),
-                device, amp_dtype, args.repeats))
+            record(name, backend, shape, module,
+                   lambda: torch.randn(args.batch, length, args.dim, device=device, requires_grad=True))
             del module
     for spec in args.models:
         try:
@@ -183,9 +183,8 @@ def run(args):
             if all(per_mixer.values()):
                 continue
             torch.manual_seed(0)
-            record(spec, backend, f"B={args.batch} {img_size}px", lambda: forward_and_train_step(
-                model, lambda: torch.randn(args.batch, 3, img_size, img_size, device=device),
-                device, amp_dtype, args.repeats))
+            record(spec, backend, f"B={args.batch} {img_size}px", model,
+                   lambda: torch.randn(args.batch, 3, img_size, img_size, device=device))
         del model
     return results
 

@@ -254,7 +254,8 @@ def build_dataset(is_train, args, transform=None):
 def build_pretrain_dataset(args):
     """ARM pretraining images (labels unused): the train split of `args.data_set` with the SPEC 7.2 transform.
 
-    The official script reads `<data_path>/train` as an ImageFolder; that is `data_set` FOLDER, the default.
+    The official script reads `<data_path>/train` as an ImageFolder: `data_set` IMNET (main_pretrain's
+    default; at most 1000 classes) or FOLDER (any class count).
     """
     return _build(True, args, build_pretrain_transform(args))[0]
 

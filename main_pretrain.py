@@ -65,7 +65,7 @@ def get_args_parser():
     parser.add_argument("--data-set", dest="data_set", default="IMNET", choices=["IMNET", "FOLDER", "DIGITS"],
                         help="IMNET/FOLDER: <data_path>/train image folders; DIGITS: embedded scikit-learn digits")
     parser.add_argument("--bad-images", dest="bad_images", default="error", choices=["error", "skip"],
-                        help="unreadable image: stop naming it, or skip it with a warning")
+                        help="unreadable image: stop with an error naming the file, or skip it with a warning")
     parser.add_argument("--num_workers", default=10, type=int)
     parser.add_argument("--pin_mem", action="store_true", help="pin CPU memory in the DataLoader")
     parser.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")

@@ -303,9 +303,7 @@ def test_bad_images_mode_is_checked(tmp_path):
 def test_randaugment_posterize_zero_bits_gives_black_image():
     """Magnitude 10 of PosterizeIncreasing keeps 0 bits: a black image (old Pillow), not a ValueError."""
     from PIL import Image
-    from timm.data.auto_augment import AugmentOp
-
-    import datasets  # noqa: F401  (installs the posterize fix)
+    from timm.data.auto_augment import AugmentOp  # patched by `augment`, which `datasets` imports (top of file)
 
     op = AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10)
     out = op(Image.new("RGB", (8, 8), (200, 100, 50)))
