@@ -431,7 +431,7 @@ class ARM(nn.Module):
         if prune_norm:
             self.norm_f = nn.Identity()
         if prune_head:
-            self.reset_classifier(0)
+            self.reset_classifier(0, "")  # timm convention: no head, no pooling
         return take_indices
 
 

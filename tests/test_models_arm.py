@@ -364,3 +364,11 @@ def test_features_only():
 def test_odd_patch_count_warns():
     with pytest.warns(UserWarning, match="odd patch count"):
         ARM(img_size=48, num_classes=10, **TINY)
+
+
+def test_prune_head_removes_pooling_like_timm():
+    model = models_arm.create_finetune_model("arm_base_pz16", patch_size=16, depth=2, embed_dim=32,
+                                             img_size=64, num_classes=5)
+    model.prune_intermediate_layers(indices=1, prune_head=True)
+    assert model.num_classes == 0
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 17, 32)  # the token sequence, not a pooled vector
