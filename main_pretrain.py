@@ -22,7 +22,6 @@ import checkpoint
 import datasets
 import engine
 import models_arm
-import ssm
 import utils
 
 
@@ -140,19 +139,7 @@ def load_resume(args, model, optimizer, loss_scaler):
 def main(args):
     if args.model not in models_arm.MODEL_CONFIGS:  # before any data is read
         raise SystemExit(f"--model {args.model}: not an ARM model; valid names: {', '.join(models_arm.MODEL_CONFIGS)}")
-    utils.init_distributed_mode(args)
-    if args.output_dir:
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    print("{}".format(args).replace(", ", ",\n"))
-    device = utils.resolve_device(args)
-    try:
-        ssm.set_backend(args.ssm_backend)
-    except ssm.BackendUnavailableError as err:
-        raise SystemExit(f"--ssm-backend {args.ssm_backend}: {err}") from None
-    utils.seed_everything(args.seed + utils.get_rank())
-    torch.backends.cudnn.benchmark = True
-    args.resume = checkpoint.resolve_resume(args.resume, args.output_dir)
-    utils.resolve_log_dir(args)
+    device = utils.start_run(args)
 
     dataset_train = datasets.build_pretrain_dataset(args)
     print(dataset_train)
@@ -176,13 +163,7 @@ def main(args):
     model_without_ddp = model
     print(f"Model = {model_without_ddp}")
 
-    eff_batch_size = args.batch_size * args.accum_iter * utils.get_world_size()
-    if args.lr is None:
-        args.lr = args.blr * eff_batch_size / 256
-    print(f"base lr: {args.lr * 256 / eff_batch_size:.2e}")
-    print(f"actual lr: {args.lr:.2e}")
-    print(f"accumulate grad iterations: {args.accum_iter}")
-    print(f"effective batch size: {eff_batch_size}")
+    utils.resolve_blr(args)
 
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(

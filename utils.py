@@ -1,4 +1,4 @@
-"""Distributed helpers, metric logging, seeding, mixed precision and experiment logging.
+"""Run setup for the entry points, distributed helpers, metric logging, seeding, mixed precision and experiment logging.
 
 Departures from the official helpers, all so that one code path runs everywhere: a single process with
 no launcher works (official Adventurer crashes on the unset `args.gpu`), CPU runs use gloo instead of
@@ -22,6 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+
+import checkpoint
+import ssm
 
 _builtin_print = builtins.print
 
@@ -323,6 +326,40 @@ def resolve_log_dir(args, official_default="./output_dir"):
     if args.log_dir == official_default and importlib.util.find_spec("tensorboard") is None:
         print("note: tensorboard is not installed, no TensorBoard logs (pip install tensorboard)")
         args.log_dir = ""
+
+
+def start_run(args):
+    """The common start of a training script; returns the device.
+
+    Distributed init, the output folder, the printed arguments, the SSM backend (`--ssm-backend`), seeds
+    (seed + rank, as official), `--resume auto` resolved to a path, and TensorBoard off when it is optional
+    and absent.
+    """
+    init_distributed_mode(args)
+    if args.output_dir:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    print("{}".format(args).replace(", ", ",\n"))
+    device = resolve_device(args)
+    try:
+        ssm.set_backend(args.ssm_backend)
+    except ssm.BackendUnavailableError as err:
+        raise SystemExit(f"--ssm-backend {args.ssm_backend}: {err}") from None
+    seed_everything(args.seed + get_rank())
+    torch.backends.cudnn.benchmark = True
+    args.resume = checkpoint.resolve_resume(args.resume, args.output_dir)
+    resolve_log_dir(args)
+    return device
+
+
+def resolve_blr(args, reference_batch=256):
+    """MAE/ARM lr rule: `--lr` if given, else `--blr * effective batch / 256`; prints the official lines."""
+    eff_batch_size = args.batch_size * args.accum_iter * get_world_size()
+    if args.lr is None:
+        args.lr = args.blr * eff_batch_size / reference_batch
+    print(f"base lr: {args.lr * reference_batch / eff_batch_size:.2e}")
+    print(f"actual lr: {args.lr:.2e}")
+    print(f"accumulate grad iterations: {args.accum_iter}")
+    print(f"effective batch size: {eff_batch_size}")
 
 
 def parameter_checksum_in_sync(model, device, what=""):

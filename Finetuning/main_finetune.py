@@ -31,7 +31,6 @@ import checkpoint  # noqa: E402
 import datasets  # noqa: E402
 import engine  # noqa: E402
 import models_arm  # noqa: E402
-import ssm  # noqa: E402
 import utils  # noqa: E402
 
 TRUE_WORDS = {"true", "1", "yes", "y", "on", "t", "avg", "mean"}
@@ -285,19 +284,7 @@ def evaluate_checkpoint(args, model, model_ema, data_loader_val, device, amp_dty
 def main(args):
     if args.model not in models_arm.MODEL_CONFIGS:  # before any data is read
         raise SystemExit(f"--model {args.model}: not an ARM model; valid names: {', '.join(models_arm.MODEL_CONFIGS)}")
-    utils.init_distributed_mode(args)
-    if args.output_dir:
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    print("{}".format(args).replace(", ", ",\n"))
-    device = utils.resolve_device(args)
-    try:
-        ssm.set_backend(args.ssm_backend)
-    except ssm.BackendUnavailableError as err:
-        raise SystemExit(f"--ssm-backend {args.ssm_backend}: {err}") from None
-    utils.seed_everything(args.seed + utils.get_rank())
-    torch.backends.cudnn.benchmark = True
-    args.resume = checkpoint.resolve_resume(args.resume, args.output_dir)
-    utils.resolve_log_dir(args)
+    device = utils.start_run(args)
     amp_dtype = utils.parse_amp(args.amp)
 
     data_loader_train, data_loader_val = build_data(args, device)
@@ -321,13 +308,7 @@ def main(args):
     print(f"Model = {model_without_ddp}")
     print(f"number of params (M): {n_parameters / 1.e6:.2f}")
 
-    eff_batch_size = args.batch_size * args.accum_iter * utils.get_world_size()
-    if args.lr is None:
-        args.lr = args.blr * eff_batch_size / 256
-    print(f"base lr: {args.lr * 256 / eff_batch_size:.2e}")
-    print(f"actual lr: {args.lr:.2e}")
-    print(f"accumulate grad iterations: {args.accum_iter}")
-    print(f"effective batch size: {eff_batch_size}")
+    utils.resolve_blr(args)
 
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
