@@ -1,4 +1,5 @@
-"""Run setup for the entry points, distributed helpers, metric logging, seeding, mixed precision and experiment logging.
+"""Run setup for the entry points, distributed helpers, metric logging, seeding, mixed precision and
+experiment logging.
 
 Departures from the official helpers, all so that one code path runs everywhere: a single process with
 no launcher works (official Adventurer crashes on the unset `args.gpu`), CPU runs use gloo instead of
