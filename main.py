@@ -217,6 +217,8 @@ def check_args(args):
         raise SystemExit(f"--accum_iter must be >= 1, got {args.accum_iter}")
     if args.sched_timing != "official" and args.sched == "plateau":
         raise SystemExit("--sched plateau needs the validation metric, so it only runs with --sched-timing official")
+    if args.save_every_iters < 0:
+        raise SystemExit(f"--save-every-iters must be >= 0 (0 = only at epoch ends), got {args.save_every_iters}")
     if args.save_every_iters and args.save_every_iters % args.accum_iter:
         raise SystemExit("--save-every-iters must be a multiple of --accum_iter (saves happen after optimiser steps)")
     if args.resume == "auto" and not args.output_dir:

@@ -1,6 +1,7 @@
 """checkpoint.py: container formats, readable errors, atomic saves, --resume auto, pos-embed resizing."""
 import argparse
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -231,3 +232,11 @@ def test_resize_rejects_a_non_square_table_and_bad_position():
         checkpoint.resize_pos_embed(torch.randn(1, 65, 6), (14, 14), cls_position="centre")
     resized = checkpoint.resize_pos_embed(torch.randn(1, 4 * 6 + 1, 6), (8, 12), old_grid=(4, 6))
     assert resized.shape == (1, 97, 6)
+
+
+def test_save_syncs_the_folder_after_the_rename(tmp_path, monkeypatch):
+    synced = []
+    real_fsync_dir = checkpoint._fsync_dir
+    monkeypatch.setattr(checkpoint, "_fsync_dir", lambda folder: (synced.append(Path(folder)), real_fsync_dir(folder)))
+    checkpoint.save_checkpoint({"w": torch.ones(2)}, tmp_path / "run" / "checkpoint.pth")
+    assert synced == [tmp_path / "run"]

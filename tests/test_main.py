@@ -166,6 +166,7 @@ def test_launcher_rank_flags_and_model_kwargs():
     (["--resplit"], "resplit"),
     (["--bce-loss"], "--smoothing 0.0"),
     (["--resume", "auto"], "--output_dir"),
+    (["--save-every-iters", "-1"], "--save-every-iters must be >= 0"),
 ])
 def test_flags_the_official_code_ignored_are_rejected(flags, message):
     with pytest.raises(SystemExit, match=message):
