@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
+from timm.models._features import feature_take_indices
 from torch.utils.checkpoint import checkpoint
 
 # timm 0.4.12 divided the lecun std by this constant (std of a +-2 sigma truncated unit normal).
@@ -123,6 +124,72 @@ def run_block(block, x, grad_checkpointing):
     if grad_checkpointing and torch.is_grad_enabled():
         return checkpoint(block, x, use_reentrant=False)
     return block(x)
+
+
+class TokenFeatures:
+    """The part of timm's model interface that Adventurer and the ARM classifier share.
+
+    Both models run `_embed` -> `layers` -> `norm_f` over patch tokens in raster order with one class token
+    inserted at `cls_index` (Adventurer: the end; ARM: the middle). Intermediates are the block outputs
+    without the class token, as NCHW maps (or NLC); `return_prefix_tokens` pairs each with its class token.
+    """
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse=False):
+        """Layer-decay groups equal to the official `param_groups_lrd` (SPEC 6.3).
+
+        head and norm_f match nothing, so timm puts them in the last group with scale 1.0 as the official
+        rule does (timm's usual `^norm` -> last block pattern would give them layer_decay^1).
+        """
+        return dict(stem=r"^cls_token|^pos_embed|^patch_embed", blocks=r"^layers\.(\d+)")
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable=True):
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self):
+        return self.head
+
+    def _replace_head(self, num_classes):
+        """A fresh head on the model's device/dtype and in its train/eval mode (num_classes 0: Identity)."""
+        self.num_classes = num_classes
+        like = dict(device=self.cls_token.device, dtype=self.cls_token.dtype)
+        self.head = nn.Linear(self.embed_dim, num_classes, **like) if num_classes > 0 else nn.Identity()
+        self.head.train(self.training)
+
+    def forward_intermediates(self, x, indices=None, return_prefix_tokens=False, norm=False, stop_early=False,
+                              output_fmt="NCHW", intermediates_only=False):
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.layers), indices)
+        layers = self.layers[:max_index + 1] if stop_early else self.layers
+        x = self._embed(x)
+        taken = []
+        for i, layer in enumerate(layers):
+            x = run_block(layer, x, self.grad_checkpointing)
+            if i in take_indices:
+                taken.append(self.norm_f(x) if norm else x)
+        t, grid = self.cls_index, self.patch_embed.grid_size
+        intermediates = [torch.cat([y[:, :t], y[:, t + 1:]], dim=1) for y in taken]
+        if output_fmt == "NCHW":
+            intermediates = [y.reshape(y.shape[0], grid, grid, -1).permute(0, 3, 1, 2).contiguous()
+                             for y in intermediates]
+        if return_prefix_tokens:
+            intermediates = list(zip(intermediates, [y[:, t:t + 1] for y in taken]))
+        if intermediates_only:
+            return intermediates
+        return self.norm_f(x), intermediates
+
+    def prune_intermediate_layers(self, indices=1, prune_norm=False, prune_head=True):
+        """Drop the layers after the last wanted intermediate (and optionally norm_f / head and pooling)."""
+        take_indices, max_index = feature_take_indices(len(self.layers), indices)
+        self.layers = self.layers[:max_index + 1]
+        if prune_norm:
+            self.norm_f = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")  # timm convention: no head, no pooling
+        return take_indices
 
 
 def _sincos_1d(embed_dim, positions):

@@ -13,10 +13,10 @@ import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 
 from checkpoint import extract_state_dict, load_checkpoint_file, load_state_dict_strict, resize_pos_embed
-from layers import PatchEmbed, SwiGLU, drop_path_rates, init_classifier_official, run_block, square_img_size
+from layers import (PatchEmbed, SwiGLU, TokenFeatures, drop_path_rates, init_classifier_official, run_block,
+                    square_img_size)
 from ssm import Mamba2
 
 __all__ = ["Adventurer", "checkpoint_filter_fn"]
@@ -61,7 +61,7 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm_mlp(x)))
 
 
-class Adventurer(nn.Module):
+class Adventurer(TokenFeatures, nn.Module):
     """Adventurer classifier; constructor arguments are the official ones plus three switches.
 
     flip_rule: "official" (flip layers with n // 2 == 1) or "every_two" (n % 2 == 1, the paper figure).
@@ -132,32 +132,12 @@ class Adventurer(nn.Module):
     def no_weight_decay(self):
         return {"pos_embed", "cls_token", "dist_token"}
 
-    @torch.jit.ignore
-    def group_matcher(self, coarse=False):
-        """Layer-decay groups equal to the official `param_groups_lrd` (SPEC 6.3).
-
-        head and norm_f match nothing, so timm puts them in the last group with scale 1.0 as the official
-        rule does (timm's usual `^norm` -> last block pattern would give them layer_decay^1).
-        """
-        return dict(stem=r"^cls_token|^pos_embed|^patch_embed", blocks=r"^layers\.(\d+)")
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable=True):
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self):
-        return self.head
-
     def reset_classifier(self, num_classes, global_pool=None):
         if global_pool is not None:
             if global_pool not in GLOBAL_POOLS:
                 raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
             self.global_pool = global_pool
-        self.num_classes = num_classes
-        like = dict(device=self.cls_token.device, dtype=self.cls_token.dtype)
-        self.head = nn.Linear(self.embed_dim, num_classes, **like) if num_classes > 0 else nn.Identity()
-        self.head.train(self.training)
+        self._replace_head(num_classes)
 
     @torch.jit.ignore
     def load_pretrained(self, checkpoint_path, key=None):
@@ -195,57 +175,14 @@ class Adventurer(nn.Module):
             x = x[:, :-1].mean(dim=1)
         return x if pre_logits else self.head(x)
 
+    @property
+    def cls_index(self):
+        """Sequence position of the class token: after all patches (official layout)."""
+        return self.patch_embed.num_patches
+
     def forward(self, x, return_features=False):
         """Logits; `return_features=True` gives the pooled, normalised features (official argument)."""
         return self.forward_head(self.forward_features(x), pre_logits=return_features)
-
-    def forward_intermediates(
-            self,
-            x,
-            indices=None,
-            return_prefix_tokens=False,
-            norm=False,
-            stop_early=False,
-            output_fmt="NCHW",
-            intermediates_only=False,
-    ):
-        """timm's feature API: block outputs split into patch tokens and the class token (taken from the end).
-
-        indices: last n layers if int, all if None, else the listed layers. Patch tokens come back as NCHW
-        maps (or NLC); with `return_prefix_tokens` each entry is `(patches, class_token (B, 1, C))`.
-        """
-        if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.layers), indices)
-        batch = x.shape[0]
-        x = self._embed(x)
-        layers = self.layers[:max_index + 1] if stop_early else self.layers
-        intermediates = []
-        for i, layer in enumerate(layers):
-            x = run_block(layer, x, self.grad_checkpointing)
-            if i in take_indices:
-                intermediates.append(self.norm_f(x) if norm else x)
-        prefix_tokens = [y[:, -1:] for y in intermediates]
-        intermediates = [y[:, :-1] for y in intermediates]
-        if output_fmt == "NCHW":
-            grid = self.patch_embed.grid_size
-            intermediates = [y.reshape(batch, grid, grid, -1).permute(0, 3, 1, 2).contiguous()
-                             for y in intermediates]
-        if return_prefix_tokens:
-            intermediates = list(zip(intermediates, prefix_tokens))
-        if intermediates_only:
-            return intermediates
-        return self.norm_f(x), intermediates
-
-    def prune_intermediate_layers(self, indices=1, prune_norm=False, prune_head=True):
-        """Drop the layers after the last wanted intermediate (and optionally norm_f / head)."""
-        take_indices, max_index = feature_take_indices(len(self.layers), indices)
-        self.layers = self.layers[:max_index + 1]
-        if prune_norm:
-            self.norm_f = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, "")
-        return take_indices
 
 
 def checkpoint_filter_fn(state_dict, model):

@@ -26,12 +26,11 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 
 from checkpoint import (CheckpointError, extract_state_dict, insert_token, load_checkpoint_file,
                         resize_pos_embed, save_checkpoint)
-from layers import (PatchEmbed, SwiGLU, drop_path_rates, init_classifier_official, init_weights_official,
-                    lecun_normal_official_, run_block, sincos_2d_pos_embed, square_img_size)
+from layers import (PatchEmbed, SwiGLU, TokenFeatures, drop_path_rates, init_classifier_official,
+                    init_weights_official, lecun_normal_official_, run_block, sincos_2d_pos_embed, square_img_size)
 from ssm import V3_DIRECTIONS, Mamba1
 
 __all__ = ["VisionMamba", "ARM", "MODEL_CONFIGS", "create_pretrain_model", "create_finetune_model",
@@ -307,7 +306,7 @@ def _as_global_pool(value):
     return "avg" if value else "token"
 
 
-class ARM(nn.Module):
+class ARM(TokenFeatures, nn.Module):
     """ARM finetune classifier (SPEC 4): cls token inserted at index N//2, four-direction Mamba-1 blocks.
 
     `global_pool=True` ('avg') pools `(mean(tokens before cls) + mean(tokens after cls)) / 2`, False ('token')
@@ -353,26 +352,10 @@ class ARM(nn.Module):
     def no_weight_decay(self):
         return {"pos_embed", "cls_token", "dist_token", "cls_token_head", "cls_token_tail"}
 
-    @torch.jit.ignore
-    def group_matcher(self, coarse=False):
-        """Layer ids for timm's layer decay; equals the official `param_groups_lrd` (norm_f/head -> last id)."""
-        return dict(stem=r"^cls_token|^pos_embed|^patch_embed", blocks=r"^layers\.(\d+)")
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable=True):
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self):
-        return self.head
-
     def reset_classifier(self, num_classes, global_pool=None):
-        self.num_classes = num_classes
         if global_pool is not None:
             self.global_pool = _as_global_pool(global_pool)
-        like = dict(device=self.cls_token.device, dtype=self.cls_token.dtype)
-        self.head = nn.Linear(self.embed_dim, num_classes, **like) if num_classes > 0 else nn.Identity()
-        self.head.train(self.training)
+        self._replace_head(num_classes)
 
     def _embed(self, x):
         x = self.patch_embed(x)
@@ -397,42 +380,6 @@ class ARM(nn.Module):
 
     def forward(self, x):
         return self.forward_head(self.forward_features(x))
-
-    def forward_intermediates(self, x, indices=None, return_prefix_tokens=False, norm=False, stop_early=False,
-                              output_fmt="NCHW", intermediates_only=False):
-        """timm feature API. Patch tokens exclude the cls token (taken from the MIDDLE, index N//2);
-        `return_prefix_tokens` pairs each map with that cls token `(B, 1, C)`."""
-        if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.layers), indices)
-        layers = self.layers[:max_index + 1] if stop_early else self.layers
-        x = self._embed(x)
-        intermediates = []
-        for i, layer in enumerate(layers):
-            x = run_block(layer, x, self.grad_checkpointing)
-            if i in take_indices:
-                intermediates.append(self.norm_f(x) if norm else x)
-        t, grid = self.cls_index, self.patch_embed.grid_size
-        prefix = [y[:, t:t + 1] for y in intermediates]
-        intermediates = [torch.cat([y[:, :t], y[:, t + 1:]], dim=1) for y in intermediates]
-        if output_fmt == "NCHW":
-            intermediates = [y.reshape(y.shape[0], grid, grid, -1).permute(0, 3, 1, 2).contiguous()
-                             for y in intermediates]
-        if return_prefix_tokens:
-            intermediates = list(zip(intermediates, prefix))
-        if intermediates_only:
-            return intermediates
-        return self.norm_f(x), intermediates
-
-    def prune_intermediate_layers(self, indices=1, prune_norm=False, prune_head=True):
-        """Drop the layers after the last wanted intermediate (and optionally norm_f / head)."""
-        take_indices, max_index = feature_take_indices(len(self.layers), indices)
-        self.layers = self.layers[:max_index + 1]
-        if prune_norm:
-            self.norm_f = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, "")  # timm convention: no head, no pooling
-        return take_indices
 
 
 # ---------------------------------------------------------------------------------------------------
