@@ -158,6 +158,20 @@ class TokenFeatures:
         self.head = nn.Linear(self.embed_dim, num_classes, **like) if num_classes > 0 else nn.Identity()
         self.head.train(self.training)
 
+    def _embed(self, x):
+        """Patch tokens with the class token inserted at `cls_index`, plus position embedding and dropout."""
+        x = self.patch_embed(x)
+        cls = self.cls_token.expand(x.shape[0], -1, -1)
+        x = torch.cat([x[:, :self.cls_index], cls, x[:, self.cls_index:]], dim=1)
+        return self.pos_drop(x + self.pos_embed)
+
+    def forward_features(self, x):
+        """Images -> normalised token sequence (B, N+1, C), class token at `cls_index`."""
+        x = self._embed(x)
+        for layer in self.layers:
+            x = run_block(layer, x, self.grad_checkpointing)
+        return self.norm_f(x)
+
     def forward_intermediates(self, x, indices=None, return_prefix_tokens=False, norm=False, stop_early=False,
                               output_fmt="NCHW", intermediates_only=False):
         if output_fmt not in ("NCHW", "NLC"):

@@ -15,8 +15,7 @@ from timm.layers import DropPath
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from checkpoint import extract_state_dict, load_checkpoint_file, load_state_dict_strict, resize_pos_embed
-from layers import (PatchEmbed, SwiGLU, TokenFeatures, drop_path_rates, init_classifier_official, run_block,
-                    square_img_size)
+from layers import PatchEmbed, SwiGLU, TokenFeatures, drop_path_rates, init_classifier_official, square_img_size
 from ssm import Mamba2
 
 __all__ = ["Adventurer", "checkpoint_filter_fn"]
@@ -155,18 +154,6 @@ class Adventurer(TokenFeatures, nn.Module):
                 del state_dict[k]
             state_dict.update({k: v for k, v in own.items() if k.startswith("head.")})
         load_state_dict_strict(self, state_dict, source=checkpoint_path)
-
-    def _embed(self, x):
-        x = self.patch_embed(x)
-        x = torch.cat([x, self.cls_token.expand(x.shape[0], -1, -1)], dim=1)  # class token LAST
-        return self.pos_drop(x + self.pos_embed)
-
-    def forward_features(self, x):
-        """Images -> normalised tokens (B, N+1, C): patches in raster order, class token last."""
-        x = self._embed(x)
-        for layer in self.layers:
-            x = run_block(layer, x, self.grad_checkpointing)
-        return self.norm_f(x)
 
     def forward_head(self, x, pre_logits=False):
         if self.global_pool == "token":

@@ -357,19 +357,6 @@ class ARM(TokenFeatures, nn.Module):
             self.global_pool = _as_global_pool(global_pool)
         self._replace_head(num_classes)
 
-    def _embed(self, x):
-        x = self.patch_embed(x)
-        cls = self.cls_token.expand(x.shape[0], -1, -1)
-        x = torch.cat([x[:, :self.cls_index], cls, x[:, self.cls_index:]], dim=1)
-        return self.pos_drop(x + self.pos_embed)
-
-    def forward_features(self, x):
-        """Images -> normalised token sequence `(B, N+1, C)`, cls at index N//2."""
-        x = self._embed(x)
-        for layer in self.layers:
-            x = run_block(layer, x, self.grad_checkpointing)
-        return self.norm_f(x)
-
     def forward_head(self, x, pre_logits=False):
         t = self.cls_index
         if self.global_pool == "avg":
