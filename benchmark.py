@@ -19,7 +19,7 @@ from contextlib import nullcontext
 
 import torch
 
-import ssm
+from advarm import kernels, ssm
 
 QUICK = dict(dim=64, batch=2, lengths="65", repeats=2, models="adventurer_tiny_patch16@64,arm_base_pz16@64",
              depth=2, threads=1)
@@ -93,7 +93,7 @@ def forward_and_train_step(module, make_input, device, amp_dtype, repeats):
 
 def usable_backends(requested, device):
     """{backend: {mixer: None if usable else why}}; kernels are only probed on CUDA (the probe is slow)."""
-    status = ssm.available_backends() if device.type == "cuda" else {}
+    status = kernels.available_backends() if device.type == "cuda" else {}
     usable = {}
     for backend in requested:
         if backend == "torch":
@@ -122,6 +122,7 @@ def mixer_cases(args, device):
 def build_model(spec, depth):
     """A whole model from `name[@img_size]` or `pretrain:name`; returns (model, image size)."""
     import timm
+
     import models_adventurer  # noqa: F401  (registers the Adventurer names with timm)
     import models_arm
 
@@ -144,15 +145,15 @@ def run(args):
     def record(subject, backend, shape, module, make_input):
         row = dict(subject=subject, backend=backend, shape=shape)
         try:
-            ssm.set_backend(backend)
+            kernels.set_backend(backend)
             timings = forward_and_train_step(module, make_input, device, amp_dtype, args.repeats)
             row.update(zip(("forward_ms", "train_step_ms", "forward_peak_mib", "train_step_peak_mib"), timings))
         except torch.cuda.OutOfMemoryError:
             row["skipped"] = "out of memory"
-        except ssm.BackendUnavailableError as exc:  # e.g. a model whose Mamba1 has no kernel here
+        except kernels.BackendUnavailableError as exc:  # e.g. a model whose Mamba1 has no kernel here
             row["skipped"] = str(exc)
         finally:
-            ssm.set_backend("auto")
+            kernels.set_backend("auto")
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         results.append(row)

@@ -21,11 +21,11 @@ import warnings
 
 import torch
 from PIL import Image
+from timm.data import create_transform
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 from torchvision.datasets.folder import default_loader, find_classes
-from timm.data import create_transform
-from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 import augment  # noqa: F401  (makes timm's RandAugment posterize work on Pillow 13)
 

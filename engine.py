@@ -11,7 +11,7 @@ from contextlib import nullcontext
 import torch
 from timm.utils import accuracy
 
-import utils
+from advarm import utils
 
 
 class _FirstIterations:

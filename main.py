@@ -37,11 +37,9 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, NativeScaler
 
-import checkpoint
 import datasets
 import models_adventurer  # noqa: F401  (registers adventurer_* models in timm)
-import ssm
-import utils
+from advarm import checkpoint, kernels, loggers, utils
 from augment import new_data_aug_generator
 from engine import evaluate, train_one_epoch
 from samplers import RASampler
@@ -462,7 +460,7 @@ def run(args):
     print(args)
     check_args(args)
     if args.ssm_backend:
-        ssm.set_backend(args.ssm_backend)
+        kernels.set_backend(args.ssm_backend)
     device = utils.resolve_device(args)
     utils.seed_everything(args.seed + utils.get_rank())
     cudnn.benchmark = True
@@ -483,7 +481,7 @@ def run(args):
     if ckpt is not None:
         checkpoint.load_state_dict_strict(model, checkpoint.extract_state_dict(ckpt), source=resume_path)
 
-    logger = utils.ExperimentLogger(args, args.output_dir)
+    logger = loggers.ExperimentLogger(args, args.output_dir)
     if args.eval:
         ema_model = None
         if args.eval_ema and ckpt is not None and isinstance(ckpt.get("model_ema"), dict):
@@ -605,7 +603,7 @@ def main(args):
     """Train or evaluate; data and checkpoint problems end the run with one line instead of a traceback."""
     try:
         return run(args)
-    except (datasets.DatasetError, checkpoint.CheckpointError, ssm.BackendUnavailableError) as err:
+    except (datasets.DatasetError, checkpoint.CheckpointError, kernels.BackendUnavailableError) as err:
         raise SystemExit(f"error: {err}") from None
     finally:
         if dist.is_available() and dist.is_initialized():

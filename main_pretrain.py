@@ -18,11 +18,10 @@ import torch
 from timm.optim import param_groups_weight_decay
 from timm.utils import NativeScaler
 
-import checkpoint
 import datasets
 import engine
 import models_arm
-import utils
+from advarm import checkpoint, loggers, utils
 
 
 def get_args_parser():
@@ -181,7 +180,7 @@ def main(args):
         return engine.cosine_lr_per_iter(optimizer, epoch_float, args.lr, args.min_lr, args.warmup_epochs,
                                          args.epochs)
 
-    logger = utils.ExperimentLogger(args, args.output_dir)
+    logger = loggers.ExperimentLogger(args, args.output_dir)
     print(f"Start training for {args.epochs} epochs")
     start_time = time.time()
     for epoch in range(args.start_epoch, args.epochs):

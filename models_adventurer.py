@@ -14,9 +14,9 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from checkpoint import extract_state_dict, load_checkpoint_file, load_state_dict_strict, resize_pos_embed
-from layers import PatchEmbed, SwiGLU, TokenFeatures, drop_path_rates, init_classifier_official, square_img_size
-from ssm import Mamba2
+from advarm.checkpoint import extract_state_dict, load_checkpoint_file, load_state_dict_strict, resize_pos_embed
+from advarm.layers import PatchEmbed, SwiGLU, TokenFeatures, drop_path_rates, init_classifier_official, square_img_size
+from advarm.ssm import Mamba2
 
 __all__ = ["Adventurer", "checkpoint_filter_fn"]
 

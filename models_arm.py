@@ -27,11 +27,27 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from checkpoint import (CheckpointError, extract_state_dict, insert_token, load_checkpoint_file,
-                        resize_pos_embed, save_checkpoint)
-from layers import (PatchEmbed, SwiGLU, TokenFeatures, drop_path_rates, init_classifier_official,
-                    init_weights_official, lecun_normal_official_, run_block, sincos_2d_pos_embed, square_img_size)
-from ssm import V3_DIRECTIONS, Mamba1
+from advarm.checkpoint import (
+    CheckpointError,
+    extract_state_dict,
+    insert_token,
+    load_checkpoint_file,
+    resize_pos_embed,
+    save_checkpoint,
+)
+from advarm.layers import (
+    PatchEmbed,
+    SwiGLU,
+    TokenFeatures,
+    drop_path_rates,
+    init_classifier_official,
+    init_weights_official,
+    lecun_normal_official_,
+    run_block,
+    sincos_2d_pos_embed,
+    square_img_size,
+)
+from advarm.ssm import V3_DIRECTIONS, Mamba1
 
 __all__ = ["VisionMamba", "ARM", "MODEL_CONFIGS", "create_pretrain_model", "create_finetune_model",
            "pretrain_to_finetune", "init_head_for_finetune", "checkpoint_filter_fn", "is_pretrain_state_dict"]

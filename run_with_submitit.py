@@ -17,7 +17,7 @@ import sys
 import uuid
 from pathlib import Path
 
-from checkpoint import latest_checkpoint
+from advarm.checkpoint import latest_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parent
 SCRIPTS = {"main": "main", "main_pretrain": "main_pretrain", "main_finetune": "Finetuning.main_finetune"}

@@ -27,11 +27,10 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy  # noqa
 from timm.optim import param_groups_layer_decay  # noqa: E402
 from timm.utils import ModelEmaV3, NativeScaler  # noqa: E402
 
-import checkpoint  # noqa: E402
 import datasets  # noqa: E402
 import engine  # noqa: E402
 import models_arm  # noqa: E402
-import utils  # noqa: E402
+from advarm import checkpoint, loggers, utils  # noqa: E402
 
 TRUE_WORDS = {"true", "1", "yes", "y", "on", "t", "avg", "mean"}
 FALSE_WORDS = {"false", "0", "no", "n", "off", "f", "", "token", "cls"}
@@ -347,7 +346,7 @@ def main(args):
         return engine.cosine_lr_per_iter(optimizer, epoch_float, args.lr, args.min_lr, args.warmup_epochs,
                                          args.epochs)
 
-    logger = utils.ExperimentLogger(args, args.output_dir)
+    logger = loggers.ExperimentLogger(args, args.output_dir)
     print(f"Start training for {args.epochs} epochs")
     start_time = time.time()
     log_stats = {}

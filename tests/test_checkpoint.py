@@ -1,4 +1,4 @@
-"""checkpoint.py: container formats, readable errors, atomic saves, --resume auto, pos-embed resizing."""
+"""advarm.checkpoint: container formats, readable errors, atomic saves, --resume auto, pos-embed resizing."""
 import argparse
 import os
 from pathlib import Path
@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import checkpoint
-from checkpoint import CheckpointError
+from advarm import checkpoint
+from advarm.checkpoint import CheckpointError
 
 
 class Tiny(nn.Module):

@@ -8,14 +8,21 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch._utils import ExceptionWrapper
 from torch.utils.data import DataLoader
 from torchvision import transforms
-from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from augment import new_data_aug_generator
-from datasets import (BadImageError, DatasetError, build_dataset, build_finetune_transform,
-                      build_pretrain_dataset, build_pretrain_transform, build_transform)
+from datasets import (
+    BadImageError,
+    DatasetError,
+    build_dataset,
+    build_finetune_transform,
+    build_pretrain_dataset,
+    build_pretrain_transform,
+    build_transform,
+)
 
 BICUBIC = transforms.InterpolationMode.BICUBIC
 

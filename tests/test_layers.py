@@ -1,4 +1,4 @@
-"""layers.py: official names, formulas and initialisers of the shared blocks."""
+"""advarm.layers: official names, formulas and initialisers of the shared blocks."""
 import math
 
 import pytest
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from timm.layers import SwiGLU as TimmSwiGLU
 from timm.layers import build_sincos2d_pos_embed, lecun_normal_
 
-from layers import (
+from advarm.layers import (
     PatchEmbed,
     SwiGLU,
     drop_path_rates,

@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-import checkpoint
 import main
+from advarm import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "adventurer_tiny_patch16", "--model-kwargs", "depth=2", "embed_dim=32",

@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-import checkpoint
 import main_pretrain
 import models_arm
+from advarm import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "Finetuning"))

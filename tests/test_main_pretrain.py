@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import checkpoint
 import main_pretrain
+from advarm import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,12 +8,12 @@ from collections import defaultdict
 import pytest
 import timm
 import torch
+from conftest import golden_cases
 from safetensors.torch import save_file
 from timm.layers import DropPath, resample_abs_pos_embed
 from timm.optim import param_groups_layer_decay
 
 import models_adventurer  # noqa: F401  (registers the models with timm)
-from conftest import golden_cases
 from models_adventurer import Adventurer, checkpoint_filter_fn
 
 SMALL = dict(img_size=32, patch_size=8, depth=4, embed_dim=64, num_classes=5)  # 4x4 grid, N = 16

@@ -8,13 +8,22 @@ import re
 import pytest
 import timm
 import torch
+from conftest import golden_cases
 from timm.optim import param_groups_layer_decay
 
 import models_arm
-from conftest import golden_cases
-from models_arm import (ARM, MODEL_CONFIGS, VisionMamba, block_causal_mask, checkpoint_filter_fn,
-                        create_finetune_model, create_pretrain_model, default_tap_layers, pretrain_to_finetune,
-                        to_clusters)
+from models_arm import (
+    ARM,
+    MODEL_CONFIGS,
+    VisionMamba,
+    block_causal_mask,
+    checkpoint_filter_fn,
+    create_finetune_model,
+    create_pretrain_model,
+    default_tap_layers,
+    pretrain_to_finetune,
+    to_clusters,
+)
 
 TINY = dict(patch_size=16, embed_dim=64, depth=4)  # finetune: img 64 -> 4x4 grid, cls at 8
 

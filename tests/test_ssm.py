@@ -1,4 +1,4 @@
-"""ssm.py: the torch scans against per-token recurrences, the mixers' layout/init, and backend dispatch."""
+"""advarm.ssm, advarm.scans, advarm.kernels: the torch scans against per-token recurrences, the mixers' layout/init, and backend dispatch."""
 import math
 import sys
 
@@ -6,15 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import ssm
+from advarm import kernels, scans, ssm
 
 
 @pytest.fixture(autouse=True)
 def fresh_backend_state(monkeypatch):
     """Each test starts from "auto" with no env override and nothing announced yet."""
     monkeypatch.delenv("SSM_BACKEND", raising=False)
-    monkeypatch.setattr(ssm, "_backend_override", None)
-    monkeypatch.setattr(ssm, "_announced", set())
+    monkeypatch.setattr(kernels, "_backend_override", None)
+    monkeypatch.setattr(kernels, "_announced", set())
 
 
 def assert_close_rel(actual, expected, tol, what="output"):
@@ -99,7 +99,7 @@ def test_ssd_matches_recurrence_forward_and_backward(length):
     grads_ref = grads(y_ref, ref)
     for chunk_size in (256, 16):  # the official chunk, and many chunks to exercise the state passing
         ours = leaves(*inputs)
-        y = ssm.ssd_chunked(*ours, chunk_size=chunk_size)
+        y = scans.ssd_chunked(*ours, chunk_size=chunk_size)
         assert y.shape == y_ref.shape and y.dtype == torch.float32
         assert_close_rel(y, y_ref, 1e-5, f"chunk {chunk_size}")
         for name, g, g_ref in zip("x dt A B C".split(), grads(y, ours), grads_ref):
@@ -109,7 +109,7 @@ def test_ssd_matches_recurrence_forward_and_backward(length):
 def test_ssd_keeps_state_math_in_fp32_under_autocast():
     x, dt, A, B, C = ssd_inputs(300)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = ssm.ssd_chunked(x, dt, A, B, C, chunk_size=64)
+        y = scans.ssd_chunked(x, dt, A, B, C, chunk_size=64)
     assert y.dtype == torch.float32
     assert_close_rel(y, ssd_recurrence(*(t.double() for t in (x, dt, A, B, C))), 1e-5)
 
@@ -122,7 +122,7 @@ def test_selective_scan_matches_recurrence_forward_and_backward(length, ngroups,
     inputs = scan_inputs(length, ngroups=ngroups)
     ours = leaves(*inputs)
     ref = leaves(*inputs, dtype=torch.float64)
-    y = ssm.selective_scan(*ours[:6], z=ours[6], delta_bias=ours[7], chunk_len=chunk_len)
+    y = scans.selective_scan(*ours[:6], z=ours[6], delta_bias=ours[7], chunk_len=chunk_len)
     y_ref = selective_scan_recurrence(*ref)
     assert y.shape == y_ref.shape and y.dtype == torch.float32
     assert_close_rel(y, y_ref, 1e-5)
@@ -135,7 +135,7 @@ def test_selective_scan_bf16_autocast_is_close_and_returns_input_dtype():
     u, delta, A, B, C, D, z, delta_bias = scan_inputs(130, ngroups=2)
     low = [t.bfloat16() for t in (u, delta, B, C, z)]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = ssm.selective_scan(low[0], low[1], A, low[2], low[3], D, z=low[4], delta_bias=delta_bias)
+        y = scans.selective_scan(low[0], low[1], A, low[2], low[3], D, z=low[4], delta_bias=delta_bias)
     assert y.dtype == torch.bfloat16
     # same bf16-rounded inputs in float64: only the final rounding to bf16 may differ
     exact = selective_scan_recurrence(low[0].double(), low[1].double(), A.double(), low[2].double(),
@@ -143,7 +143,7 @@ def test_selective_scan_bf16_autocast_is_close_and_returns_input_dtype():
     assert_close_rel(y, exact, 1e-2)
     ours = leaves(low[0], low[1], A, low[2], low[3])
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = ssm.selective_scan(*ours, D, z=low[4], delta_bias=delta_bias)
+        y = scans.selective_scan(*ours, D, z=low[4], delta_bias=delta_bias)
     exact_leaves = leaves(*(t.double() for t in (low[0], low[1], A, low[2], low[3])))
     y_exact = selective_scan_recurrence(*exact_leaves, D.double(), low[4].double(), delta_bias.double())
     for g, g_ref in zip(grads(y.float(), ours), grads(y_exact, exact_leaves)):
@@ -303,7 +303,7 @@ def test_mamba1_init():
 # ---------------------------------------------------------------------------------- backend dispatch
 
 def fake_kernels(problems=None, **entry_points):
-    return ssm._Kernels(problems=problems or {}, **entry_points)
+    return kernels._Kernels(problems=problems or {}, **entry_points)
 
 
 # Stand-ins with the signatures of mamba-ssm 2.3 / causal-conv1d entry points, computing with torch.
@@ -315,7 +315,7 @@ def stand_in_conv(x, weight, bias=None, activation=None):
 def stand_in_chunk_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None,
                         seq_idx=None, cu_seqlens=None, dt_softplus=False, dt_limit=(0.0, math.inf)):
     assert dt_softplus and z is None and x.dim() == 4 and B.dim() == 4 and A.shape == D.shape
-    return (ssm.ssd_chunked(x, F.softplus(dt + dt_bias), A, B, C, chunk_size) + x * D[:, None]).to(x.dtype)
+    return (scans.ssd_chunked(x, F.softplus(dt + dt_bias), A, B, C, chunk_size) + x * D[:, None]).to(x.dtype)
 
 
 def stand_in_split_conv1d_scan(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, initial_states=None,
@@ -341,27 +341,27 @@ def stand_in_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, 
                             return_last_state=False):
     assert delta_softplus and B.is_contiguous() and C.is_contiguous()
     assert len({t.dtype for t in (u, delta, B, C, z)}) == 1 and A.dtype == D.dtype == torch.float32
-    return ssm.selective_scan(u, delta, A, B, C, D, z=z, delta_bias=delta_bias)
+    return scans.selective_scan(u, delta, A, B, C, D, z=z, delta_bias=delta_bias)
 
 
 def test_backend_name_from_env_and_override(monkeypatch):
-    assert ssm.get_backend() == "auto"
+    assert kernels.get_backend() == "auto"
     monkeypatch.setenv("SSM_BACKEND", "torch")
-    assert ssm.get_backend() == "torch"
-    ssm.set_backend("auto")
-    assert ssm.get_backend() == "auto"
+    assert kernels.get_backend() == "torch"
+    kernels.set_backend("auto")
+    assert kernels.get_backend() == "auto"
     with pytest.raises(ValueError, match="unknown SSM backend"):
-        ssm.set_backend("triton")
+        kernels.set_backend("triton")
     monkeypatch.setenv("SSM_BACKEND", "cuda")
-    monkeypatch.setattr(ssm, "_backend_override", None)
+    monkeypatch.setattr(kernels, "_backend_override", None)
     with pytest.raises(ValueError, match="unknown SSM backend 'cuda'"):
-        ssm.get_backend()
+        kernels.get_backend()
 
 
 def test_auto_on_cpu_tensors_uses_torch_without_importing_kernels(monkeypatch, capsys):
     def must_not_import():
         raise AssertionError("auto on CPU tensors must not import mamba_ssm")
-    monkeypatch.setattr(ssm, "_kernels", must_not_import)
+    monkeypatch.setattr(kernels, "_kernels", must_not_import)
     m = ssm.Mamba2(32, d_state=8, headdim=16)
     m(torch.randn(1, 5, 32))
     m(torch.randn(1, 5, 32))
@@ -371,24 +371,24 @@ def test_auto_on_cpu_tensors_uses_torch_without_importing_kernels(monkeypatch, c
 
 def test_forcing_mamba_ssm_on_cpu_tensors_raises_clear_error(monkeypatch):
     monkeypatch.setenv("SSM_BACKEND", "mamba_ssm")
-    with pytest.raises(ssm.BackendUnavailableError, match="pip install mamba-ssm causal-conv1d") as info:
+    with pytest.raises(kernels.BackendUnavailableError, match="pip install mamba-ssm causal-conv1d") as info:
         ssm.Mamba1(16)(torch.randn(1, 5, 16))
     assert "on cpu" in str(info.value) and isinstance(info.value, RuntimeError)
 
 
 def test_set_backend_mamba_ssm_raises_when_not_installed(monkeypatch):
-    monkeypatch.setattr(ssm, "_kernels", lambda: fake_kernels(problems={"mamba_ssm": "not installed"}))
+    monkeypatch.setattr(kernels, "_kernels", lambda: fake_kernels(problems={"mamba_ssm": "not installed"}))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ssm.BackendUnavailableError, match="not installed") as info:
-        ssm.set_backend("mamba_ssm")
-    assert "no CUDA" in str(info.value) and ssm.get_backend() == "auto"
+    with pytest.raises(kernels.BackendUnavailableError, match="not installed") as info:
+        kernels.set_backend("mamba_ssm")
+    assert "no CUDA" in str(info.value) and kernels.get_backend() == "auto"
 
 
 def test_available_backends_reports_triton_only_install(monkeypatch):
     problems = {"mamba_ssm selective_scan_cuda (Mamba1)": "import failed (No module named 'selective_scan_cuda')"}
-    monkeypatch.setattr(ssm, "_kernels", lambda: fake_kernels(problems, chunk_scan=stand_in_chunk_scan))
+    monkeypatch.setattr(kernels, "_kernels", lambda: fake_kernels(problems, chunk_scan=stand_in_chunk_scan))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    status = ssm.available_backends()
+    status = kernels.available_backends()
     assert status["torch"] is None and status["mamba_ssm:Mamba2"] is None
     assert "selective_scan_cuda" in status["mamba_ssm:Mamba1"] and "selective_scan_cuda" in status["mamba_ssm"]
 
@@ -396,15 +396,15 @@ def test_available_backends_reports_triton_only_install(monkeypatch):
 @pytest.mark.parametrize("install", ["triton_only", "full"])
 def test_kernel_call_conventions_match_torch_path(monkeypatch, install):
     """Dispatch plumbing: stand-ins with the kernels' signatures must reproduce the torch output."""
-    kernels = dict(chunk_scan=stand_in_chunk_scan, selective_scan=stand_in_selective_scan)
+    entry_points = dict(chunk_scan=stand_in_chunk_scan, selective_scan=stand_in_selective_scan)
     if install == "full":
-        kernels.update(split_conv1d_scan=stand_in_split_conv1d_scan, causal_conv1d=stand_in_conv)
+        entry_points.update(split_conv1d_scan=stand_in_split_conv1d_scan, causal_conv1d=stand_in_conv)
     mixers = [(perturbed(ssm.Mamba2(32, d_state=8, headdim=16)), torch.randn(2, 9, 32)),
               (perturbed(ssm.Mamba1(16, bimamba_type="v3")), torch.randn(2, 17, 16))]
     expected = [m(u) for m, u in mixers]
-    monkeypatch.setattr(ssm, "_kernels", lambda: fake_kernels(**kernels))
-    monkeypatch.setattr(ssm, "_unavailable_reason", lambda mixer, tensor: None)
-    ssm.set_backend("mamba_ssm")
+    monkeypatch.setattr(kernels, "_kernels", lambda: fake_kernels(**entry_points))
+    monkeypatch.setattr(kernels, "_unavailable_reason", lambda mixer, tensor: None)
+    kernels.set_backend("mamba_ssm")
     for (m, u), y in zip(mixers, expected):
         assert_close_rel(m(u), y, 1e-6, type(m).__name__)
 
@@ -419,7 +419,7 @@ def test_import_bypassing_a_broken_package_init(tmp_path, monkeypatch):
     for name in ("pkg_with_cuda_init", "pkg_with_cuda_init.ops", "pkg_with_cuda_init.ops.kernel"):
         monkeypatch.delitem(sys.modules, name, raising=False)
     try:
-        assert ssm._import_bypassing_init("pkg_with_cuda_init", "ops.kernel").VALUE == 42
+        assert kernels._import_bypassing_init("pkg_with_cuda_init", "ops.kernel").VALUE == 42
     finally:
         for name in ("pkg_with_cuda_init", "pkg_with_cuda_init.ops", "pkg_with_cuda_init.ops.kernel"):
             sys.modules.pop(name, None)

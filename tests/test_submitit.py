@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-import checkpoint
 import run_with_submitit as launcher
+from advarm import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""utils.py: launcher detection, CPU collectives, metric logging, AMP parsing, experiment logging."""
+"""advarm.utils and advarm.loggers: launcher detection, CPU collectives, metric logging, AMP parsing, experiment logging."""
 import argparse
 import builtins
 import json
@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import utils
+from advarm import loggers, utils
 
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_LOCALID", "MASTER_ADDR", "MASTER_PORT",
                  "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK")
@@ -167,7 +167,7 @@ EPOCHS = [{"train_lr": 1e-3, "train_loss": 2.0 - e / 2, "test_loss": 2.1 - e / 2
 
 def test_experiment_logger_writes_official_log_and_curves(tmp_path):
     pytest.importorskip("matplotlib")
-    logger = utils.ExperimentLogger(argparse.Namespace(), tmp_path / "run")
+    logger = loggers.ExperimentLogger(argparse.Namespace(), tmp_path / "run")
     for stats in EPOCHS:
         logger.log(stats, step=stats["epoch"])
     logger.close()
@@ -180,7 +180,7 @@ def test_experiment_logger_writes_official_log_and_curves(tmp_path):
 def test_curves_skipped_with_a_note_without_matplotlib(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
-    logger = utils.ExperimentLogger(argparse.Namespace(), tmp_path)
+    logger = loggers.ExperimentLogger(argparse.Namespace(), tmp_path)
     logger.log(EPOCHS[0], step=0)
     logger.close()
     assert "matplotlib is not installed" in capsys.readouterr().out
@@ -189,7 +189,7 @@ def test_curves_skipped_with_a_note_without_matplotlib(tmp_path, monkeypatch, ca
 
 def test_logger_is_silent_on_other_ranks(tmp_path, monkeypatch):
     monkeypatch.setattr(utils, "is_main_process", lambda: False)
-    logger = utils.ExperimentLogger(argparse.Namespace(if_wandb=True, mlflow=True, tensorboard=True), tmp_path)
+    logger = loggers.ExperimentLogger(argparse.Namespace(if_wandb=True, mlflow=True, tensorboard=True), tmp_path)
     logger.log(EPOCHS[0], step=0)
     logger.close()
     assert list(tmp_path.iterdir()) == []
@@ -204,7 +204,7 @@ def test_logger_is_silent_on_other_ranks(tmp_path, monkeypatch):
 def test_missing_optional_package_exits_with_the_pip_name(tmp_path, monkeypatch, flags, module, package):
     monkeypatch.setitem(sys.modules, module, None)
     with pytest.raises(SystemExit, match=f"pip install {package}"):
-        utils.ExperimentLogger(argparse.Namespace(**flags), tmp_path)
+        loggers.ExperimentLogger(argparse.Namespace(**flags), tmp_path)
 
 
 def test_enabled_trackers_receive_params_and_metrics(tmp_path, monkeypatch):
@@ -237,7 +237,7 @@ def test_enabled_trackers_receive_params_and_metrics(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = argparse.Namespace(model="tiny", if_wandb=True, wandb_resume=None, mlflow=True, log_dir="",
                               tensorboard=True, output_dir=tmp_path / "exp7")
-    logger = utils.ExperimentLogger(args, tmp_path / "exp7")
+    logger = loggers.ExperimentLogger(args, tmp_path / "exp7")
     logger.log({"train_loss": 1.0, "epoch": 0}, step=0)
     logger.add_scalar("lr", 0.1, 5)
     logger.close()
@@ -256,7 +256,7 @@ def test_wandb_start_failure_explains_offline_mode(tmp_path, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=refuse))
     with pytest.raises(SystemExit, match="No API key configured.*WANDB_MODE=offline"):
-        utils.ExperimentLogger(argparse.Namespace(if_wandb=True), tmp_path)
+        loggers.ExperimentLogger(argparse.Namespace(if_wandb=True), tmp_path)
 
 
 def test_metric_logger_accepts_iterables_without_length(capsys):
