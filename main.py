@@ -39,10 +39,10 @@ from timm.utils import ModelEmaV3, NativeScaler
 
 import datasets
 import models_adventurer  # noqa: F401  (registers adventurer_* models in timm)
+import samplers
 from advarm import checkpoint, kernels, loggers, utils
 from augment import new_data_aug_generator
 from engine import evaluate, train_one_epoch
-from samplers import RASampler
 
 # Checkpoint entries a finetune drops when the model lacks them or their shape differs (official list,
 # which includes Mamba-Reg leftovers such as `register`).
@@ -237,14 +237,6 @@ def build_model(args):
         raise SystemExit(f"cannot build {args.model}: {err}") from None
 
 
-def load_checkpoint_container(path):
-    """A checkpoint dict from a local file or an https URL, with safe (weights-only) unpickling."""
-    if str(path).startswith("https"):
-        with torch.serialization.safe_globals(checkpoint.SAFE_GLOBALS):
-            return torch.hub.load_state_dict_from_url(path, map_location="cpu", check_hash=True, weights_only=True)
-    return checkpoint.load_checkpoint_file(path)
-
-
 def _grid(model):
     grid = model.patch_embed.grid_size
     return (grid, grid) if isinstance(grid, int) else tuple(grid)
@@ -253,7 +245,7 @@ def _grid(model):
 def load_finetune_weights(model, args):
     """--finetune (SPEC 6.4): another stage's weights, with head and position table adapted to this model."""
     source = args.finetune
-    state_dict = checkpoint.extract_state_dict(load_checkpoint_container(source),
+    state_dict = checkpoint.extract_state_dict(checkpoint.load_checkpoint_container(source),
                                                key="model_ema" if args.load_ema else None)
     target = model.state_dict()
     patch_key = "patch_embed.proj.weight"
@@ -275,54 +267,6 @@ def load_finetune_weights(model, args):
     print(f"Finetuning from {source}: loaded {len(state_dict) - len(unexpected)} tensors"
           + (f"; kept at initialisation: {', '.join(missing)}" if missing else "")
           + (f"; ignored from the checkpoint: {', '.join(unexpected)}" if unexpected else ""))
-
-
-class EpochSeededRandomSampler(torch.utils.data.RandomSampler):
-    """RandomSampler whose order depends only on (seed, epoch), so a resumed epoch sees the same order."""
-
-    def __init__(self, dataset, seed=0):
-        super().__init__(dataset, generator=torch.Generator())
-        self.seed = seed
-        self.set_epoch(0)
-
-    def set_epoch(self, epoch):
-        self.generator.manual_seed(self.seed * 100_003 + epoch)
-
-
-class SkipFirst(torch.utils.data.Sampler):
-    """The sampler's stream without its first `count` indices (the part of an epoch already trained)."""
-
-    def __init__(self, sampler, count):
-        self.sampler, self.count = sampler, count
-
-    def __len__(self):
-        return max(len(self.sampler) - self.count, 0)
-
-    def __iter__(self):
-        for position, index in enumerate(self.sampler):
-            if position >= self.count:
-                yield index
-
-
-class SavingEvery:
-    """Yields the loader's batches and calls `save(done)` each time `every` more iterations have finished.
-
-    The engine asks for batch k+1 only after batch k's optimiser step and EMA update, so a save issued
-    then holds exactly k trained iterations.
-    """
-
-    def __init__(self, loader, every, save, already_done=0):
-        self.loader, self.every, self.save, self.already_done = loader, every, save, already_done
-
-    def __len__(self):
-        return len(self.loader)
-
-    def __iter__(self):
-        for position, batch in enumerate(self.loader):
-            done = self.already_done + position
-            if position and done % self.every == 0:
-                self.save(done)
-            yield batch
 
 
 def build_data(args, device):
@@ -347,12 +291,12 @@ def build_data(args, device):
     if args.ThreeAugment:
         dataset_train.transform = new_data_aug_generator(args)
     if distributed and args.repeated_aug:
-        sampler_train = RASampler(dataset_train, num_replicas=world_size, rank=rank, shuffle=True)
+        sampler_train = samplers.RASampler(dataset_train, num_replicas=world_size, rank=rank, shuffle=True)
     elif distributed:
         sampler_train = torch.utils.data.DistributedSampler(dataset_train, world_size, rank, shuffle=True,
                                                             seed=args.seed)
     else:
-        sampler_train = EpochSeededRandomSampler(dataset_train, seed=args.seed)
+        sampler_train = samplers.EpochSeededRandomSampler(dataset_train, seed=args.seed)
     if len(sampler_train) < args.batch_size:
         raise SystemExit(f"{len(sampler_train)} training samples per process is less than one batch of "
                          f"{args.batch_size} (batches are full, drop_last); lower --batch-size")
@@ -477,7 +421,7 @@ def run(args):
 
     amp_dtype = utils.parse_amp(args.amp)
     resume_path = checkpoint.resolve_resume(args.resume, args.output_dir)
-    ckpt = load_checkpoint_container(resume_path) if resume_path else None
+    ckpt = checkpoint.load_checkpoint_container(resume_path) if resume_path else None
     if ckpt is not None:
         checkpoint.load_state_dict_strict(model, checkpoint.extract_state_dict(ckpt), source=resume_path)
 
@@ -560,10 +504,10 @@ def run(args):
         sampler_train.set_epoch(epoch)
         step_lr_scheduler(args, lr_scheduler, epoch, "start")
         skip = resume_iteration if epoch == args.start_epoch else 0
-        sampler = SkipFirst(sampler_train, skip * args.batch_size) if skip else sampler_train
+        sampler = samplers.SkipFirst(sampler_train, skip * args.batch_size) if skip else sampler_train
         loader = train_loader(args, dataset_train, sampler)
         if args.save_every_iters and output_dir is not None:
-            loader = SavingEvery(loader, args.save_every_iters,
+            loader = checkpoint.SavingEvery(loader, args.save_every_iters,
                                  lambda done, epoch=epoch: save("checkpoint.pth", epoch - 1, done), skip)
         max_iters = None if args.max_iters_per_epoch is None else max(args.max_iters_per_epoch - skip, 0)
 

@@ -73,6 +73,14 @@ def load_checkpoint_file(path, map_location="cpu", trusted=False):
     return checkpoint
 
 
+def load_checkpoint_container(path):
+    """A checkpoint dict from a local file or an https URL, with safe (weights-only) unpickling."""
+    if str(path).startswith("https"):
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.hub.load_state_dict_from_url(path, map_location="cpu", check_hash=True, weights_only=True)
+    return load_checkpoint_file(path)
+
+
 def _is_state_dict(obj):
     return isinstance(obj, dict) and len(obj) > 0 and all(torch.is_tensor(v) for v in obj.values())
 
@@ -285,3 +293,24 @@ def insert_token(pos_embed, index, value=None):
         value = pos_embed.new_zeros(pos_embed.shape[-1])
     value = value.reshape(1, 1, -1).to(pos_embed)
     return torch.cat([pos_embed[:, :index], value, pos_embed[:, index:]], dim=1)
+
+
+class SavingEvery:
+    """Yields the loader's batches and calls `save(done)` each time `every` more iterations have finished.
+
+    The engine asks for batch k+1 only after batch k's optimiser step and EMA update, so a save issued
+    then holds exactly k trained iterations.
+    """
+
+    def __init__(self, loader, every, save, already_done=0):
+        self.loader, self.every, self.save, self.already_done = loader, every, save, already_done
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for position, batch in enumerate(self.loader):
+            done = self.already_done + position
+            if position and done % self.every == 0:
+                self.save(done)
+            yield batch
