@@ -35,7 +35,7 @@ from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTarget
 from timm.models import create_model, is_model, list_models
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from timm.utils import ModelEmaV3, NativeScaler
+from timm.utils import ModelEmaV3, NativeScaler, ParseKwargs, random_seed
 
 import datasets
 import models_adventurer  # noqa: F401  (registers adventurer_* models in timm)
@@ -66,8 +66,8 @@ def get_args_parser():
                         help="image size (--input-szie: the official README's spelling)")
     parser.add_argument("--drop", type=float, default=0.0, metavar="PCT", help="dropout after the position embedding")
     parser.add_argument("--drop-path", type=float, default=0.1, metavar="PCT")
-    parser.add_argument("--model-kwargs", nargs="*", default=[], type=utils.model_kwarg, metavar="KEY=VALUE",
-                        help="extra model constructor arguments, e.g. depth=2 embed_dim=64 patch_size=4")
+    parser.add_argument("--model-kwargs", nargs="*", default={}, type=utils.kwarg_pair, action=ParseKwargs,
+                        metavar="KEY=VALUE", help="extra model constructor arguments, e.g. depth=2 embed_dim=64")
     parser.add_argument("--flip-rule", default="official", choices=["official", "every_two"],
                         help="which blocks flip the patch order (SPEC 9.1)")
     parser.add_argument("--ssm-backend", default=None, choices=["auto", "torch", "mamba_ssm"],
@@ -192,9 +192,9 @@ def get_args_parser():
     return parser
 
 
-def parse_model_kwargs(pairs):
-    """`--model-kwargs` pairs as a dict; num_classes and img_size belong to their own flags."""
-    kwargs = dict(pairs)
+def parse_model_kwargs(model_kwargs):
+    """`--model-kwargs` as a dict; num_classes and img_size belong to their own flags."""
+    kwargs = dict(model_kwargs)
     for key, flag in (("num_classes", "the data set"), ("img_size", "--input-size")):
         if key in kwargs:
             raise SystemExit(f"--model-kwargs {key}=... is set by {flag}; remove it")
@@ -406,7 +406,7 @@ def run(args):
     if args.ssm_backend:
         kernels.set_backend(args.ssm_backend)
     device = utils.resolve_device(args)
-    utils.seed_everything(args.seed + utils.get_rank())
+    random_seed(args.seed, utils.get_rank())
     cudnn.benchmark = True
 
     sampler_train, dataset_train, dataset_val, loader_val = build_data(args, device)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from timm.optim import param_groups_weight_decay
-from timm.utils import NativeScaler
+from timm.utils import NativeScaler, ParseKwargs
 
 import datasets
 import engine
@@ -40,8 +40,8 @@ def get_args_parser():
                         help="crop size; the official models are built for 192 (see --model-kwargs)")
     parser.add_argument("--norm_pix_loss", action="store_true",
                         help="accepted for the README command; targets are always normalised (SPEC 9.5)")
-    parser.add_argument("--model-kwargs", dest="model_kwargs", nargs="*", default=[], type=utils.model_kwarg,
-                        metavar="KEY=VALUE",
+    parser.add_argument("--model-kwargs", dest="model_kwargs", nargs="*", default={}, type=utils.kwarg_pair,
+                        action=ParseKwargs, metavar="KEY=VALUE",
                         help="constructor overrides, e.g. img_size=48 patch_size=4 depth=4 embed_dim=64")
     parser.add_argument("--ssm-backend", dest="ssm_backend", default=os.environ.get("SSM_BACKEND", "auto"),
                         choices=["auto", "torch", "mamba_ssm"], help="selective-scan implementation")

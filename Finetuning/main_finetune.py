@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from timm.data import Mixup  # noqa: E402
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy  # noqa: E402
 from timm.optim import param_groups_layer_decay  # noqa: E402
-from timm.utils import ModelEmaV3, NativeScaler  # noqa: E402
+from timm.utils import ModelEmaV3, NativeScaler, ParseKwargs  # noqa: E402
 
 import datasets  # noqa: E402
 import engine  # noqa: E402
@@ -62,8 +62,9 @@ def get_args_parser():
                         help="arm_base_pz16, arm_large_pz16 or arm_huge_pz16 (the official default is not one)")
     parser.add_argument("--input_size", default=224, type=int, help="model image size and crop size")
     parser.add_argument("--drop_path", type=float, default=0.1, metavar="PCT")
-    parser.add_argument("--model-kwargs", dest="model_kwargs", nargs="*", default=[], type=utils.model_kwarg,
-                        metavar="KEY=VALUE", help="constructor overrides, e.g. patch_size=4 depth=2 embed_dim=64")
+    parser.add_argument("--model-kwargs", dest="model_kwargs", nargs="*", default={}, type=utils.kwarg_pair,
+                        action=ParseKwargs, metavar="KEY=VALUE",
+                        help="constructor overrides, e.g. patch_size=4 depth=2 embed_dim=64")
     parser.add_argument("--ssm-backend", dest="ssm_backend", default=os.environ.get("SSM_BACKEND", "auto"),
                         choices=["auto", "torch", "mamba_ssm"], help="selective-scan implementation")
 

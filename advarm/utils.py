@@ -5,21 +5,19 @@ no launcher works (official Adventurer crashes on the unset `args.gpu`), CPU run
 hard-coded nccl, and metric sync follows the process-group backend instead of assuming CUDA.
 """
 import argparse
-import ast
 import builtins
 import datetime
 import importlib
 import importlib.util
 import os
-import random
 import time
 from collections import defaultdict, deque
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
+from timm.utils import random_seed
 
 from advarm import checkpoint, kernels
 
@@ -255,16 +253,6 @@ class MetricLogger:
 # misc
 
 
-def seed_everything(seed):
-    """Seed Python, NumPy and torch (CPU and CUDA); callers add the rank as the official scripts do.
-
-    The official scripts left Python's `random` unseeded; seeding it too makes runs repeatable.
-    """
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
               "fp16": torch.float16, "half": torch.float16}
 
@@ -297,15 +285,13 @@ def count_parameters(model, trainable_only=True):
 # command-line helpers shared by the three entry points
 
 
-def model_kwarg(text):
-    """argparse type for `--model-kwargs KEY=VALUE`: (key, Python literal, or the string when not one)."""
-    key, sep, value = text.partition("=")
+def kwarg_pair(text):
+    """argparse type for `--model-kwargs` (with action=timm.utils.ParseKwargs, which reads VALUE as a Python
+    literal): a malformed pair is refused here, so argparse reports it in one line."""
+    key, sep, _ = text.partition("=")
     if not sep or not key.isidentifier():
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        return key, ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return key, value
+    return text
 
 
 def resolve_device(args):
@@ -341,7 +327,7 @@ def start_run(args):
         kernels.set_backend(args.ssm_backend)
     except kernels.BackendUnavailableError as err:
         raise SystemExit(f"--ssm-backend {args.ssm_backend}: {err}") from None
-    seed_everything(args.seed + get_rank())
+    random_seed(args.seed, get_rank())
     torch.backends.cudnn.benchmark = True
     args.resume = checkpoint.resolve_resume(args.resume, args.output_dir)
     resolve_log_dir(args)

@@ -72,13 +72,14 @@ def test_both_local_rank_spellings(flag):
     assert main_pretrain.get_args_parser().parse_args([flag]).local_rank == 3
 
 
-def test_model_kwargs_are_literals():
+def test_model_kwargs_are_literals(capsys):
     args = main_pretrain.get_args_parser().parse_args(
         ["--model-kwargs", "img_size=48", "drop_rate=0.5", "bimamba_type=None", "tap_layers=(1,2,3,4)", "name=x"])
-    assert dict(args.model_kwargs) == dict(img_size=48, drop_rate=0.5, bimamba_type=None, tap_layers=(1, 2, 3, 4),
-                                           name="x")
+    assert args.model_kwargs == dict(img_size=48, drop_rate=0.5, bimamba_type=None, tap_layers=(1, 2, 3, 4), name="x")
     with pytest.raises(SystemExit):
         main_pretrain.get_args_parser().parse_args(["--model-kwargs", "img_size"])
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert error.endswith("error: argument --model-kwargs: expected KEY=VALUE, got 'img_size'")
 
 
 def test_training_lowers_loss_and_writes_checkpoints(tmp_path):

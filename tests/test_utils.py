@@ -145,14 +145,17 @@ def test_parse_amp_and_autocast():
         assert (a @ a).dtype == torch.float32
 
 
-def test_seed_everything_repeats_all_generators():
+def test_start_run_seeds_python_numpy_and_torch_with_seed_plus_rank(clean_launch, monkeypatch):
+    """timm's random_seed as start_run calls it: seed + global rank in all three generators (official rule)."""
     def draw():
         return random.random(), np.random.rand(), torch.rand(1).item()
 
-    utils.seed_everything(7)
-    first = draw()
-    utils.seed_everything(7)
-    assert draw() == first
+    random.seed(12), np.random.seed(12), torch.manual_seed(12)
+    expected = draw()
+    monkeypatch.setattr(utils, "get_rank", lambda: 2)
+    utils.start_run(argparse.Namespace(seed=10, device="cpu", output_dir="", ssm_backend="auto", resume="",
+                                       log_dir=""))
+    assert draw() == expected
 
 
 def test_count_parameters():
