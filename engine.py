@@ -1,14 +1,18 @@
 """Training and evaluation loops shared by main.py, main_pretrain.py and Finetuning/main_finetune.py.
 
 One loop covers the three official engines: the caller picks the loss (a criterion, or None when the
-model's forward returns the loss, as ARM pretraining does), the lr rule (a per-iteration callable such
-as `cosine_lr_per_iter`, or an epoch-level timm scheduler stepped by the caller) and the loss scaler
-(`timm.utils.NativeScaler` for fp16, None for bf16/fp32, where scaling is unnecessary).
+model's forward returns the loss, as ARM pretraining does), the lr rule (a per-iteration timm scheduler
+such as `cosine_per_iteration`, or an epoch-level timm scheduler stepped by the caller) and the loss
+scaler (`timm.utils.NativeScaler` for fp16, None for bf16/fp32, where scaling is unnecessary).
+
+Steps are training iterations completed since the start of training; the per-iteration scheduler is
+stepped with them.
 """
 import math
 from contextlib import nullcontext
 
 import torch
+from timm.scheduler import CosineLRScheduler
 from timm.utils import accuracy
 
 from advarm import utils
@@ -40,34 +44,34 @@ def _unwrap(model):
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
-def cosine_lr_per_iter(optimizer, epoch_float, lr, min_lr, warmup_epochs, epochs):
-    """Half-cycle cosine with linear warmup at a fractional epoch (MAE/ARM rule); returns the unscaled lr.
+def cosine_per_iteration(optimizer, warmup_epochs, epochs, iters_per_epoch, min_lr=0.0):
+    """The MAE/ARM schedule as timm's CosineLRScheduler, stepped with `step_update(iterations done)`.
 
-    Each group gets `lr * group["lr_scale"]` so layer-wise decay survives every update.
+    At t = epoch + iteration / iters_per_epoch: `lr * t / warmup` during warmup, then
+    `min_lr + (lr - min_lr) * (1 + cos(pi * (t - warmup) / (epochs - warmup))) / 2`, times each group's
+    `lr_scale` (lr: the optimizer's at construction). warmup_prefix with the cosine part's own length
+    is what makes timm's curve the official one.
     """
-    if epoch_float < warmup_epochs:
-        value = lr * epoch_float / warmup_epochs
-    else:
-        progress = (epoch_float - warmup_epochs) / (epochs - warmup_epochs)
-        value = min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    for group in optimizer.param_groups:
-        group["lr"] = value * group.get("lr_scale", 1.0)
-    return value
+    return CosineLRScheduler(optimizer, t_initial=max((epochs - warmup_epochs) * iters_per_epoch, 1), lr_min=min_lr,
+                             warmup_t=warmup_epochs * iters_per_epoch, warmup_lr_init=0.0, warmup_prefix=True,
+                             t_in_epochs=False)
 
 
 def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, loss_scaler=None, *,
                     amp_dtype=None, clip_grad=None, accum_iter=1, model_ema=None, mixup_fn=None,
-                    bce_targets=False, lr_schedule=None, layer_scaled_lr=False, log_writer=None,
-                    print_freq=10, train_mode=True, max_iters=None):
+                    bce_targets=False, lr_scheduler=None, layer_scaled_lr=False, log_writer=None,
+                    start_step=None, print_freq=10, train_mode=True, max_iters=None):
     """One pass over `data_loader`; returns the epoch averages of the meters (`loss`, `lr`).
 
     criterion: `criterion(outputs, targets)`, or None when `model(images)` returns the loss itself
         (a per-token vector is reduced with `.mean()`; labels are ignored).
     loss_scaler: `timm.utils.NativeScaler` (scaled backward, unscale before clipping) or None.
-    lr_schedule: callable(fractional_epoch) run at the start of every accumulation window.
+    lr_scheduler: per-iteration timm scheduler, `step_update(step)` at the start of every accumulation window.
     layer_scaled_lr: multiply every group's lr by its `lr_scale` once at the start of the epoch, for
         schedulers that write unscaled lrs (timm >= 0.9 schedulers scale by themselves: leave False).
     bce_targets: threshold (soft) targets at 0 after mixup, as the official `--bce-loss` does.
+    start_step: iterations trained before this call's first batch (default `epoch * len(data_loader)`;
+        a resumed epoch adds the iterations it skips).
     max_iters: stop after this many iterations (tests and debugging).
     """
     model.train(train_mode)
@@ -83,13 +87,15 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, los
     if max_iters is not None:
         data_loader = _FirstIterations(data_loader, max_iters)
     iters_per_epoch = len(data_loader)
+    if start_step is None:
+        start_step = epoch * iters_per_epoch
     # A window cut short by the end of the epoch is discarded, like the official loops.
     optimizer.zero_grad(set_to_none=True)
     model_for_ema = _unwrap(model)
 
     for step, batch in enumerate(metric_logger.log_every(data_loader, print_freq, header)):
-        if lr_schedule is not None and step % accum_iter == 0:
-            lr_schedule(epoch + step / iters_per_epoch)
+        if lr_scheduler is not None and step % accum_iter == 0:
+            lr_scheduler.step_update(start_step + step)
         samples, targets = _split_batch(batch)
         samples = samples.to(device, non_blocking=True)
         if targets is not None:

@@ -173,12 +173,11 @@ def main(args):
     print(optimizer)
     loss_scaler = NativeScaler(device=device.type)
     amp_dtype = utils.parse_amp(args.amp)
+    iters_per_epoch = min(len(data_loader_train), args.max_iters_per_epoch or len(data_loader_train))
+    lr_scheduler = engine.cosine_per_iteration(optimizer, args.warmup_epochs, args.epochs, iters_per_epoch,
+                                               min_lr=args.min_lr)
     if args.resume:
         load_resume(args, model_without_ddp, optimizer, loss_scaler)
-
-    def lr_schedule(epoch_float):
-        return engine.cosine_lr_per_iter(optimizer, epoch_float, args.lr, args.min_lr, args.warmup_epochs,
-                                         args.epochs)
 
     logger = loggers.ExperimentLogger(args, args.output_dir)
     print(f"Start training for {args.epochs} epochs")
@@ -188,7 +187,7 @@ def main(args):
         train_stats = engine.train_one_epoch(
             model, None, data_loader_train, optimizer, device, epoch, loss_scaler,
             amp_dtype=amp_dtype, clip_grad=args.clip_grad, accum_iter=args.accum_iter,
-            lr_schedule=lr_schedule, log_writer=logger if args.log_dir else None, print_freq=100,
+            lr_scheduler=lr_scheduler, log_writer=logger if args.log_dir else None, print_freq=100,
             max_iters=args.max_iters_per_epoch)
         if args.output_dir:
             if epoch % args.save_every == 0 or epoch + 1 == args.epochs:

@@ -333,6 +333,9 @@ def main(args):
         criterion = torch.nn.CrossEntropyLoss()
     print(f"criterion = {criterion}")
 
+    iters_per_epoch = min(len(data_loader_train), args.max_iters_per_epoch or len(data_loader_train))
+    lr_scheduler = engine.cosine_per_iteration(optimizer, args.warmup_epochs, args.epochs, iters_per_epoch,
+                                               min_lr=args.min_lr)
     max_accuracy, ema_max_accuracy = 0.0, 0.0
     if args.resume:
         max_accuracy, ema_max_accuracy = load_resume(args, model_without_ddp, model_ema, optimizer, loss_scaler)
@@ -343,10 +346,6 @@ def main(args):
                 ema_test_stats = engine.evaluate(data_loader_val, model_ema.module, device, amp_dtype=amp_dtype)
                 print(f"Accuracy of the resumed EMA network: {ema_test_stats['acc1']:.1f}%")
 
-    def lr_schedule(epoch_float):
-        return engine.cosine_lr_per_iter(optimizer, epoch_float, args.lr, args.min_lr, args.warmup_epochs,
-                                         args.epochs)
-
     logger = loggers.ExperimentLogger(args, args.output_dir)
     print(f"Start training for {args.epochs} epochs")
     start_time = time.time()
@@ -356,7 +355,7 @@ def main(args):
         train_stats = engine.train_one_epoch(
             model, criterion, data_loader_train, optimizer, device, epoch, loss_scaler,
             amp_dtype=amp_dtype, clip_grad=args.clip_grad, accum_iter=args.accum_iter, model_ema=model_ema,
-            mixup_fn=mixup_fn, lr_schedule=lr_schedule, log_writer=logger if args.log_dir else None, print_freq=200,
+            mixup_fn=mixup_fn, lr_scheduler=lr_scheduler, log_writer=logger if args.log_dir else None, print_freq=200,
             max_iters=args.max_iters_per_epoch)
 
         test_stats = engine.evaluate(data_loader_val, model_without_ddp, device, amp_dtype=amp_dtype)

@@ -1,5 +1,6 @@
 """engine.py: the shared training/evaluation loop on tiny linear models (CPU, fp32)."""
 import math
+import types
 
 import pytest
 import torch
@@ -28,17 +29,30 @@ def _train(model, loader, lr=0.1, **kwargs):
     return optimizer, stats
 
 
-def test_cosine_lr_per_iter_follows_the_mae_rule_and_honours_lr_scale():
-    params = [nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))]
-    optimizer = torch.optim.SGD([{"params": [params[0]], "lr_scale": 0.5}, {"params": [params[1]]}], lr=1.0)
-    schedule = dict(lr=1e-3, min_lr=1e-5, warmup_epochs=5, epochs=100)
-    assert engine.cosine_lr_per_iter(optimizer, 0.0, **schedule) == 0.0
-    assert engine.cosine_lr_per_iter(optimizer, 2.5, **schedule) == pytest.approx(5e-4)
-    assert engine.cosine_lr_per_iter(optimizer, 5.0, **schedule) == pytest.approx(1e-3)
-    mid = engine.cosine_lr_per_iter(optimizer, 52.5, **schedule)
-    assert mid == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5)
-    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([mid * 0.5, mid])
-    assert engine.cosine_lr_per_iter(optimizer, 100.0, **schedule) == pytest.approx(1e-5)
+def _official_lr(t, lr, min_lr, warmup_epochs, epochs):
+    """ARM/MAE `adjust_learning_rate` at fractional epoch t (SPEC 7.2), written out as the reference."""
+    if t < warmup_epochs:
+        return lr * t / warmup_epochs
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * (t - warmup_epochs) / (epochs - warmup_epochs)))
+
+
+@pytest.mark.parametrize("epochs, warmup, iters, lr, min_lr", [
+    (100, 5, 50, 2e-3, 1e-6),      # ARM finetuning recipe, layer decay 0.65
+    (1600, 40, 3, 1.2e-3, 0.0),    # ARM pretraining recipe
+    (12, 0, 7, 1e-3, 0.0),         # no warmup
+])
+def test_cosine_per_iteration_is_the_official_schedule_with_lr_scale(epochs, warmup, iters, lr, min_lr):
+    scales = [0.65 ** k for k in range(3, -1, -1)]
+    optimizer = torch.optim.AdamW([{"params": [nn.Parameter(torch.zeros(1))], "lr_scale": s} for s in scales], lr=lr)
+    scheduler = engine.cosine_per_iteration(optimizer, warmup, epochs, iters, min_lr=min_lr)
+    worst = 0.0
+    for epoch in range(epochs):
+        for it in range(iters):
+            scheduler.step_update(epoch * iters + it)
+            expected = _official_lr(epoch + it / iters, lr, min_lr, warmup, epochs)
+            worst = max(worst, *(abs(g["lr"] - expected * s) for g, s in zip(optimizer.param_groups, scales)))
+    assert worst < 1e-15
+    assert optimizer.param_groups[-1]["lr"] < lr * 1e-3 + min_lr  # the cosine really reached its floor
 
 
 def test_one_epoch_lowers_the_loss_and_reports_meters():
@@ -100,8 +114,9 @@ def test_loss_returning_model_lr_schedule_and_ema_cadence():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     loader = DataLoader(TensorDataset(torch.randn(24, 4)), batch_size=2)  # 12 iterations, no labels
     stats = engine.train_one_epoch(model, None, loader, optimizer, torch.device("cpu"), 3, accum_iter=4,
-                                   model_ema=ema, lr_schedule=calls.append, print_freq=1000)
-    assert calls == pytest.approx([3.0, 3 + 4 / 12, 3 + 8 / 12])
+                                   model_ema=ema, lr_scheduler=types.SimpleNamespace(step_update=calls.append),
+                                   print_freq=1000)
+    assert calls == [36, 40, 44]  # iterations done before each accumulation window (epoch 3 x 12 + ...)
     assert ema.updates == 3
     assert model.scale.item() < 1.0
     assert math.isfinite(stats["loss"])
@@ -113,9 +128,10 @@ def test_layer_scaled_lr_multiplies_once_and_max_iters_truncates():
     seen = []
     loader = DataLoader(_data(32), batch_size=4)
     engine.train_one_epoch(model, nn.CrossEntropyLoss(), loader, optimizer, torch.device("cpu"), 0,
-                           layer_scaled_lr=True, max_iters=3, lr_schedule=seen.append, print_freq=1000)
+                           layer_scaled_lr=True, max_iters=3, start_step=10, print_freq=1000,
+                           lr_scheduler=types.SimpleNamespace(step_update=seen.append))
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.05, 0.2])
-    assert seen == pytest.approx([0.0, 1 / 3, 2 / 3])
+    assert seen == [10, 11, 12]
 
 
 def test_mixup_and_bce_targets_reach_the_criterion():
