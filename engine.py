@@ -5,8 +5,8 @@ model's forward returns the loss, as ARM pretraining does), the lr rule (a per-i
 such as `cosine_per_iteration`, or an epoch-level timm scheduler stepped by the caller) and the loss
 scaler (`timm.utils.NativeScaler` for fp16, None for bf16/fp32, where scaling is unnecessary).
 
-Steps are training iterations completed since the start of training; the per-iteration scheduler is
-stepped with them.
+Steps are training iterations completed since the start of training (advarm.loggers): the per-iteration
+scheduler and the per-step log points share that axis.
 """
 import math
 from contextlib import nullcontext
@@ -70,6 +70,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, los
     layer_scaled_lr: multiply every group's lr by its `lr_scale` once at the start of the epoch, for
         schedulers that write unscaled lrs (timm >= 0.9 schedulers scale by themselves: leave False).
     bce_targets: threshold (soft) targets at 0 after mixup, as the official `--bce-loss` does.
+    log_writer: an ExperimentLogger; gets `train/loss_step` (mean over ranks) and `train/lr` per update.
     start_step: iterations trained before this call's first batch (default `epoch * len(data_loader)`;
         a resumed epoch adds the iterations it skips).
     max_iters: stop after this many iterations (tests and debugging).
@@ -86,9 +87,8 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, los
 
     if max_iters is not None:
         data_loader = _FirstIterations(data_loader, max_iters)
-    iters_per_epoch = len(data_loader)
     if start_step is None:
-        start_step = epoch * iters_per_epoch
+        start_step = epoch * len(data_loader)
     # A window cut short by the end of the epoch is discarded, like the official loops.
     optimizer.zero_grad(set_to_none=True)
     model_for_ema = _unwrap(model)
@@ -141,10 +141,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, los
             # Every rank joins the reduce (only rank 0 has a writer; a reduce inside the `if` would hang).
             mean_loss = utils.all_reduce_mean(loss_value)
             if log_writer is not None:
-                # x axis in 1/1000 epochs, so runs with different batch sizes line up (ARM convention).
-                epoch_1000x = int((step / iters_per_epoch + epoch) * 1000)
-                log_writer.add_scalar("train_loss", mean_loss, epoch_1000x)
-                log_writer.add_scalar("lr", lr, epoch_1000x)
+                log_writer.log_step({"train/loss_step": mean_loss, "train/lr": lr}, start_step + step + 1)
 
     metric_logger.synchronize_between_processes()
     print("Averaged stats:", metric_logger)

@@ -18,6 +18,8 @@ Every official flag keeps its name and default. Departures from the official scr
   error; keys the model lacks are skipped and reported instead of raising KeyError;
 * `--resume auto` picks the newest complete checkpoint in `--output_dir`; `--save-every-iters N` also saves
   inside an epoch so a killed job loses at most N iterations.
+* wandb, mlflow and TensorBoard (advarm.loggers flags) continue the same run after a resume, with run ids
+  kept in the checkpoint, on one step axis (iterations trained), with per-step train loss/lr as well.
 """
 import argparse
 import copy
@@ -183,12 +185,7 @@ def get_args_parser():
     parser.add_argument("--amp", default="bfloat16", choices=["bfloat16", "float16", "none", ""],
                         help="autocast dtype; float16 adds a GradScaler; none or '' disables autocast")
     parser.add_argument("--log-every", default=10, type=int, metavar="N", help="progress line every N iterations")
-    parser.add_argument("--if_wandb", action="store_true")
-    parser.add_argument("--disable_wandb", action="store_false", dest="if_wandb")
-    parser.set_defaults(if_wandb=False)
-    parser.add_argument("--wandb_resume", default=None, help="wandb run id to continue")
-    parser.add_argument("--mlflow", action="store_true", help="log params and metrics to mlflow (./mlruns)")
-    parser.add_argument("--tensorboard", action="store_true", help="TensorBoard events in --output_dir")
+    loggers.add_logger_args(parser)
     return parser
 
 
@@ -425,8 +422,8 @@ def run(args):
     if ckpt is not None:
         checkpoint.load_state_dict_strict(model, checkpoint.extract_state_dict(ckpt), source=resume_path)
 
-    logger = loggers.ExperimentLogger(args, args.output_dir)
     if args.eval:
+        logger = loggers.ExperimentLogger(args, args.output_dir)
         ema_model = None
         if args.eval_ema and ckpt is not None and isinstance(ckpt.get("model_ema"), dict):
             ema_model = copy.deepcopy(model)
@@ -476,6 +473,7 @@ def run(args):
     if ckpt is not None and all(k in ckpt for k in ("optimizer", "lr_scheduler", "epoch")):
         args.start_epoch, resume_iteration = resume_training(
             args, ckpt, model_without_ddp, optimizer, lr_scheduler, model_ema, loss_scaler)
+        loggers.continue_runs(args, ckpt)
         # The lr an uninterrupted run would use for start_epoch (the official resume used one epoch later).
         if args.sched_timing == "official" and args.start_epoch > 0:
             lr_scheduler.step(args.start_epoch - 1)
@@ -486,6 +484,11 @@ def run(args):
     del ckpt
 
     output_dir = Path(args.output_dir) if args.output_dir else None
+    iters_per_epoch = len(train_loader(args, dataset_train, sampler_train))
+    if args.max_iters_per_epoch is not None:
+        iters_per_epoch = min(iters_per_epoch, args.max_iters_per_epoch)
+    logger = loggers.ExperimentLogger(args, args.output_dir,
+                                      start_step=args.start_epoch * iters_per_epoch + resume_iteration)
 
     def save(name, epoch, iteration=None):
         if output_dir is None:
@@ -514,7 +517,8 @@ def run(args):
         train_stats = train_one_epoch(
             model, criterion, loader, optimizer, device, epoch, loss_scaler, amp_dtype=amp_dtype,
             clip_grad=args.clip_grad, accum_iter=args.accum_iter, model_ema=model_ema, mixup_fn=mixup_fn,
-            print_freq=args.log_every, train_mode=args.train_mode, max_iters=max_iters)
+            log_writer=logger, start_step=epoch * iters_per_epoch + skip, print_freq=args.log_every,
+            train_mode=args.train_mode, max_iters=max_iters)
 
         test_stats = evaluate_models(args, loader_val, model, model_ema if args.eval_ema else None,
                                      device, amp_dtype)
@@ -535,9 +539,9 @@ def run(args):
         if skipped:
             log_stats["bad_images_skipped"] = skipped
             print(f"{skipped} unreadable images skipped so far (--bad-images skip)")
-        logger.log(log_stats, step=epoch)
+        logger.log(log_stats, step=(epoch + 1) * iters_per_epoch)
 
-    logger.close()
+    logger.close(checkpoint=output_dir / "best_checkpoint.pth" if output_dir else None)
     total_time = time.time() - start_time
     print(f"Training time {datetime.timedelta(seconds=int(total_time))}")
     return {"model": model_without_ddp, "model_ema": model_ema, "stats": log_stats, "max_accuracy": max_accuracy}

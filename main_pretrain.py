@@ -5,7 +5,8 @@ Official flags and defaults are kept, so the README command runs as written. Add
 continues instead of restarting at epoch 0; `--official-epoch-fields` restores -1), `--dist_on_itp` is
 honoured, `--resume auto`, `--model-kwargs` for small configurations, `--data-set` for small local data,
 `--amp` (official: bf16 autocast, fixed) and the opt-in `--wd-skip-ssm`. Nothing is saved when
-`--output_dir` is empty (official: `checkpoint--1.pth` landed in the current directory).
+`--output_dir` is empty (official: `checkpoint--1.pth` landed in the current directory). The tracker flags
+are main.py's (advarm.loggers): a resume continues the same wandb/mlflow/TensorBoard run.
 """
 import argparse
 import datetime
@@ -71,13 +72,10 @@ def get_args_parser():
 
     # Output, logging, checkpoints
     parser.add_argument("--output_dir", default="./output_dir", help="where to save, empty for no saving")
-    parser.add_argument("--log_dir", default="./output_dir", help="TensorBoard directory, empty for none")
     parser.add_argument("--save-every", dest="save_every", default=20, type=int,
                         help="keep checkpoint-{epoch}.pth every N epochs and at the end")
     parser.add_argument("--official-epoch-fields", dest="official_epoch_fields", action="store_true",
                         help="store epoch -1 in checkpoint--1.pth as the official code does")
-    parser.add_argument("--mlflow", action="store_true", help="also log to mlflow")
-    parser.add_argument("--if_wandb", action="store_true", help="also log to wandb")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--seed", default=0, type=int)
     parser.add_argument("--resume", default="", help="checkpoint path, or 'auto' for the latest in output_dir")
@@ -88,6 +86,7 @@ def get_args_parser():
     parser.add_argument("--local-rank", "--local_rank", dest="local_rank", default=-1, type=int)
     parser.add_argument("--dist_on_itp", action="store_true", help="OpenMPI environment variables")
     parser.add_argument("--dist_url", default="env://")
+    loggers.add_logger_args(parser, log_dir_default="./output_dir")
     return parser
 
 
@@ -132,6 +131,7 @@ def load_resume(args, model, optimizer, loss_scaler):
             args.start_epoch = ckpt["epoch"] + 1
         if "scaler" in ckpt:
             loss_scaler.load_state_dict(ckpt["scaler"])
+        loggers.continue_runs(args, ckpt)
         print("With optim & sched!")
 
 
@@ -179,7 +179,7 @@ def main(args):
     if args.resume:
         load_resume(args, model_without_ddp, optimizer, loss_scaler)
 
-    logger = loggers.ExperimentLogger(args, args.output_dir)
+    logger = loggers.ExperimentLogger(args, args.output_dir, start_step=args.start_epoch * iters_per_epoch)
     print(f"Start training for {args.epochs} epochs")
     start_time = time.time()
     for epoch in range(args.start_epoch, args.epochs):
@@ -187,8 +187,7 @@ def main(args):
         train_stats = engine.train_one_epoch(
             model, None, data_loader_train, optimizer, device, epoch, loss_scaler,
             amp_dtype=amp_dtype, clip_grad=args.clip_grad, accum_iter=args.accum_iter,
-            lr_scheduler=lr_scheduler, log_writer=logger if args.log_dir else None, print_freq=100,
-            max_iters=args.max_iters_per_epoch)
+            lr_scheduler=lr_scheduler, log_writer=logger, print_freq=100, max_iters=args.max_iters_per_epoch)
         if args.output_dir:
             if epoch % args.save_every == 0 or epoch + 1 == args.epochs:
                 save(args, f"checkpoint-{epoch}.pth", epoch, model_without_ddp, optimizer, loss_scaler)
@@ -197,11 +196,11 @@ def main(args):
         log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
         if datasets.skipped_images(dataset_train):
             log_stats["bad_images_skipped"] = datasets.skipped_images(dataset_train)
-        logger.log(log_stats, step=epoch)
+        logger.log(log_stats, step=(epoch + 1) * iters_per_epoch)
 
     if args.distributed:
         utils.parameter_checksum_in_sync(model_without_ddp, device)
-    logger.close()
+    logger.close(checkpoint=Path(args.output_dir) / f"checkpoint-{args.epochs - 1}.pth" if args.output_dir else None)
     print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
 
 

@@ -8,7 +8,8 @@ repository root. Official flags and defaults are kept. Official defects fixed (S
 checkpoint without accuracy fields starts from 0; an unknown `--model` lists the valid names;
 `--finetune` also accepts an already finetuned checkpoint (position table resized, no second zero
 token); the EMA starts from DDP's broadcast weights on every rank; the distributed validation sampler
-does not shuffle.
+does not shuffle. The tracker flags are main.py's (advarm.loggers): a resume continues the same
+wandb/mlflow/TensorBoard run.
 """
 import argparse
 import datetime
@@ -120,13 +121,10 @@ def get_args_parser():
 
     # Output, logging, checkpoints
     parser.add_argument("--output_dir", default="./output_dir", help="where to save, empty for no saving")
-    parser.add_argument("--log_dir", default="./output_dir", help="TensorBoard directory, empty for none")
     parser.add_argument("--save-every", dest="save_every", default=10, type=int,
                         help="keep checkpoint-{epoch}.pth every N epochs and at the end")
     parser.add_argument("--official-epoch-fields", dest="official_epoch_fields", action="store_true",
                         help="store epoch -10/-20 in the best checkpoints as the official code does")
-    parser.add_argument("--mlflow", action="store_true")
-    parser.add_argument("--if_wandb", action="store_true")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--seed", default=0, type=int)
     parser.add_argument("--resume", default="", help="checkpoint path, or 'auto' for the latest in output_dir")
@@ -140,6 +138,7 @@ def get_args_parser():
     parser.add_argument("--local_rank", "--local-rank", dest="local_rank", default=-1, type=int)
     parser.add_argument("--dist_on_itp", action="store_true", help="OpenMPI environment variables")
     parser.add_argument("--dist_url", default="env://")
+    loggers.add_logger_args(parser, log_dir_default="./output_dir")
     return parser
 
 
@@ -206,6 +205,7 @@ def load_resume(args, model, model_ema, optimizer, loss_scaler):
             args.start_epoch = ckpt["epoch"] + 1
         if "scaler" in ckpt:
             loss_scaler.load_state_dict(ckpt["scaler"])
+        loggers.continue_runs(args, ckpt)
         print("With optim & sched!")
     return ckpt.get("max_accuracy", 0.0), ckpt.get("ema_max_accuracy", 0.0)
 
@@ -346,7 +346,7 @@ def main(args):
                 ema_test_stats = engine.evaluate(data_loader_val, model_ema.module, device, amp_dtype=amp_dtype)
                 print(f"Accuracy of the resumed EMA network: {ema_test_stats['acc1']:.1f}%")
 
-    logger = loggers.ExperimentLogger(args, args.output_dir)
+    logger = loggers.ExperimentLogger(args, args.output_dir, start_step=args.start_epoch * iters_per_epoch)
     print(f"Start training for {args.epochs} epochs")
     start_time = time.time()
     log_stats = {}
@@ -355,7 +355,7 @@ def main(args):
         train_stats = engine.train_one_epoch(
             model, criterion, data_loader_train, optimizer, device, epoch, loss_scaler,
             amp_dtype=amp_dtype, clip_grad=args.clip_grad, accum_iter=args.accum_iter, model_ema=model_ema,
-            mixup_fn=mixup_fn, lr_scheduler=lr_scheduler, log_writer=logger if args.log_dir else None, print_freq=200,
+            mixup_fn=mixup_fn, lr_scheduler=lr_scheduler, log_writer=logger, print_freq=200,
             max_iters=args.max_iters_per_epoch)
 
         test_stats = engine.evaluate(data_loader_val, model_without_ddp, device, amp_dtype=amp_dtype)
@@ -391,13 +391,13 @@ def main(args):
         skipped = datasets.skipped_images(data_loader_train.dataset, data_loader_val.dataset)
         if skipped:
             log_stats["bad_images_skipped"] = skipped
-        logger.log(log_stats, step=epoch)
+        logger.log(log_stats, step=(epoch + 1) * iters_per_epoch)
 
     if args.distributed:
         utils.parameter_checksum_in_sync(model_without_ddp, device)
         if model_ema is not None:
             utils.parameter_checksum_in_sync(model_ema.module, device, "EMA ")
-    logger.close()
+    logger.close(checkpoint=Path(args.output_dir) / "checkpoint--10.pth" if args.output_dir else None)
     print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
     return log_stats
 

@@ -110,13 +110,16 @@ def test_loss_returning_model_lr_schedule_and_ema_cadence():
         def update(self, model):
             self.updates += 1
 
-    model, ema, calls = TokenLoss(), CountingEma(), []
+    model, ema, calls, logged = TokenLoss(), CountingEma(), [], []
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     loader = DataLoader(TensorDataset(torch.randn(24, 4)), batch_size=2)  # 12 iterations, no labels
     stats = engine.train_one_epoch(model, None, loader, optimizer, torch.device("cpu"), 3, accum_iter=4,
                                    model_ema=ema, lr_scheduler=types.SimpleNamespace(step_update=calls.append),
+                                   log_writer=types.SimpleNamespace(log_step=lambda m, step: logged.append((step, m))),
                                    print_freq=1000)
     assert calls == [36, 40, 44]  # iterations done before each accumulation window (epoch 3 x 12 + ...)
+    assert [step for step, _ in logged] == [40, 44, 48]  # iterations done after each optimiser update
+    assert all(set(m) == {"train/loss_step", "train/lr"} and m["train/lr"] == 0.01 for _, m in logged)
     assert ema.updates == 3
     assert model.scale.item() < 1.0
     assert math.isfinite(stats["loss"])

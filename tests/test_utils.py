@@ -1,18 +1,15 @@
-"""advarm.utils and advarm.loggers: launcher detection, CPU collectives, metric logging, AMP parsing, experiment logging."""
+"""advarm.utils: launcher detection, CPU collectives, metric logging, AMP parsing, seeding."""
 import argparse
 import builtins
-import json
 import os
 import random
-import sys
-import types
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 
-from advarm import loggers, utils
+from advarm import utils
 
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_LOCALID", "MASTER_ADDR", "MASTER_PORT",
                  "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK")
@@ -162,104 +159,6 @@ def test_count_parameters():
     model = torch.nn.Linear(3, 2)
     model.bias.requires_grad_(False)
     assert utils.count_parameters(model) == 6 and utils.count_parameters(model, trainable_only=False) == 8
-
-
-EPOCHS = [{"train_lr": 1e-3, "train_loss": 2.0 - e / 2, "test_loss": 2.1 - e / 2, "test_acc1": 10.0 * e,
-           "ema_test_acc1": 9.0 * e, "epoch": e, "n_parameters": 6} for e in range(3)]
-
-
-def test_experiment_logger_writes_official_log_and_curves(tmp_path):
-    pytest.importorskip("matplotlib")
-    logger = loggers.ExperimentLogger(argparse.Namespace(), tmp_path / "run")
-    for stats in EPOCHS:
-        logger.log(stats, step=stats["epoch"])
-    logger.close()
-    lines = (tmp_path / "run" / "log.txt").read_text().splitlines()
-    assert [json.loads(line) for line in lines] == EPOCHS
-    png = tmp_path / "run" / "curves.png"
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_curves_skipped_with_a_note_without_matplotlib(tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "matplotlib", None)
-    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
-    logger = loggers.ExperimentLogger(argparse.Namespace(), tmp_path)
-    logger.log(EPOCHS[0], step=0)
-    logger.close()
-    assert "matplotlib is not installed" in capsys.readouterr().out
-    assert (tmp_path / "log.txt").is_file() and not (tmp_path / "curves.png").exists()
-
-
-def test_logger_is_silent_on_other_ranks(tmp_path, monkeypatch):
-    monkeypatch.setattr(utils, "is_main_process", lambda: False)
-    logger = loggers.ExperimentLogger(argparse.Namespace(if_wandb=True, mlflow=True, tensorboard=True), tmp_path)
-    logger.log(EPOCHS[0], step=0)
-    logger.close()
-    assert list(tmp_path.iterdir()) == []
-
-
-@pytest.mark.parametrize("flags, module, package", [
-    ({"if_wandb": True}, "wandb", "wandb"),
-    ({"mlflow": True}, "mlflow", "mlflow-skinny"),
-    ({"log_dir": "tb"}, "torch.utils.tensorboard", "tensorboard"),
-    ({"tensorboard": True}, "torch.utils.tensorboard", "tensorboard"),
-])
-def test_missing_optional_package_exits_with_the_pip_name(tmp_path, monkeypatch, flags, module, package):
-    monkeypatch.setitem(sys.modules, module, None)
-    with pytest.raises(SystemExit, match=f"pip install {package}"):
-        loggers.ExperimentLogger(argparse.Namespace(**flags), tmp_path)
-
-
-def test_enabled_trackers_receive_params_and_metrics(tmp_path, monkeypatch):
-    calls = []
-    wandb = types.SimpleNamespace(
-        init=lambda **kw: calls.append(("wandb.init", kw)) or types.SimpleNamespace(id="run42"),
-        log=lambda stats: calls.append(("wandb.log", stats)), finish=lambda: calls.append(("wandb.finish",)))
-    mlflow = types.SimpleNamespace(
-        set_tracking_uri=lambda uri: calls.append(("mlflow.uri", uri)),
-        start_run=lambda run_name: calls.append(("mlflow.start", run_name)),
-        log_params=lambda params: calls.append(("mlflow.params", params)),
-        log_metrics=lambda metrics, step: calls.append(("mlflow.metrics", metrics, step)),
-        end_run=lambda: calls.append(("mlflow.end",)))
-
-    class Writer:
-        def __init__(self, log_dir):
-            calls.append(("tb.dir", str(log_dir)))
-
-        def add_scalar(self, tag, value, step):
-            calls.append(("tb", tag, value, step))
-
-        def close(self):
-            calls.append(("tb.close",))
-
-    monkeypatch.setitem(sys.modules, "wandb", wandb)
-    monkeypatch.setitem(sys.modules, "mlflow", mlflow)
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
-    monkeypatch.chdir(tmp_path)
-    args = argparse.Namespace(model="tiny", if_wandb=True, wandb_resume=None, mlflow=True, log_dir="",
-                              tensorboard=True, output_dir=tmp_path / "exp7")
-    logger = loggers.ExperimentLogger(args, tmp_path / "exp7")
-    logger.log({"train_loss": 1.0, "epoch": 0}, step=0)
-    logger.add_scalar("lr", 0.1, 5)
-    logger.close()
-    recorded = {c[0]: c[1:] for c in calls}
-    assert recorded["wandb.init"][0]["name"] == "exp_tiny" and args.wandb_resume == "run42"
-    assert recorded["mlflow.uri"][0] == (tmp_path / "mlruns").as_uri() and os.environ["MLFLOW_ALLOW_FILE_STORE"] == "true"
-    assert recorded["mlflow.start"][0] == "exp7" and recorded["mlflow.params"][0]["output_dir"] == str(tmp_path / "exp7")
-    assert recorded["mlflow.metrics"] == ({"train_loss": 1.0, "epoch": 0.0}, 0)
-    assert recorded["tb.dir"][0] == str(tmp_path / "exp7") and ("tb", "lr", 0.1, 5) in calls
-    assert {"wandb.finish", "mlflow.end", "tb.close"} <= set(recorded)
-
-
-def test_wandb_start_failure_explains_offline_mode(tmp_path, monkeypatch):
-    def refuse(**kwargs):
-        raise RuntimeError("No API key configured")
-
-    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=refuse))
-    with pytest.raises(SystemExit, match="No API key configured.*WANDB_MODE=offline"):
-        loggers.ExperimentLogger(argparse.Namespace(if_wandb=True), tmp_path)
 
 
 def test_metric_logger_accepts_iterables_without_length(capsys):
