@@ -66,6 +66,7 @@ class Adventurer(TokenFeatures, nn.Module):
     flip_rule: "official" (flip layers with n // 2 == 1) or "every_two" (n % 2 == 1, the paper figure).
     official_drop_path: True keeps the official drop-path list `[0] + linspace(0, rate, depth)`.
     global_pool: "token" (class token, official), "avg" (mean of the patch tokens) or "" (no pooling).
+    dynamic_img_size: accept any input size, resampling the position table to its grid (timm's ViT flag).
     drop_block_rate is accepted and unused, as in the official class (its main.py passes it). Other unknown
     arguments raise TypeError (timm's contract) where the official class silently swallows them.
     """
@@ -90,6 +91,7 @@ class Adventurer(TokenFeatures, nn.Module):
             global_pool="token",
             in_chans=None,
             drop_block_rate=None,
+            dynamic_img_size=False,
     ):
         super().__init__()
         if flip_rule not in FLIP_RULES:
@@ -103,9 +105,11 @@ class Adventurer(TokenFeatures, nn.Module):
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.num_prefix_tokens = 1  # the class token, stored LAST
         self.grad_checkpointing = False
+        self.dynamic_img_size = dynamic_img_size
 
         # Registration order = official state_dict order (SPEC 5.1) and official RNG consumption order.
-        self.patch_embed = PatchEmbed(img_size, patch_size, self.in_chans, embed_dim)
+        self.patch_embed = PatchEmbed(img_size, patch_size, self.in_chans, embed_dim,
+                                      strict_img_size=not dynamic_img_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
         self.pos_drop = nn.Dropout(p=drop_rate)
@@ -161,11 +165,6 @@ class Adventurer(TokenFeatures, nn.Module):
         elif self.global_pool == "avg":
             x = x[:, :-1].mean(dim=1)
         return x if pre_logits else self.head(x)
-
-    @property
-    def cls_index(self):
-        """Sequence position of the class token: after all patches (official layout)."""
-        return self.patch_embed.num_patches
 
     def forward(self, x, return_features=False):
         """Logits; `return_features=True` gives the pooled, normalised features (official argument)."""

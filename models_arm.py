@@ -81,11 +81,19 @@ def _check_official_flags(kwargs, cls_name):
                              f"got {kwargs[name]!r}")
 
 
-def _make_patch_embed(img_size, patch_size, stride, channels, embed_dim):
+def _make_patch_embed(img_size, patch_size, stride, channels, embed_dim, strict_img_size=True):
     """`stride=None` means `patch_size` (the official models always use stride = patch size)."""
     if stride is not None and stride != patch_size:
         raise ValueError(f"ARM uses non-overlapping patches: stride ({stride}) must equal patch_size ({patch_size})")
-    return PatchEmbed(square_img_size(img_size, "ARM"), patch_size, channels, embed_dim)
+    return PatchEmbed(square_img_size(img_size, "ARM"), patch_size, channels, embed_dim, strict_img_size)
+
+
+def _warn_if_odd(num_patches):
+    """At build time and after set_input_size: the official v3 mixer misplaces the cls slot on odd grids."""
+    if num_patches % 2:
+        warnings.warn(f"ARM with an odd patch count ({num_patches}): the four-direction mixer assumes the cls "
+                      f"token at {(num_patches + 1) // 2}, the model puts it at {num_patches // 2} (official "
+                      f"behaviour, SPEC 9 item 6)")
 
 
 def default_tap_layers(depth):
@@ -328,29 +336,32 @@ class ARM(TokenFeatures, nn.Module):
     `global_pool=True` ('avg') pools `(mean(tokens before cls) + mean(tokens after cls)) / 2`, False ('token')
     takes the cls token, '' keeps the token sequence.
     `official_drop_path=True` keeps the official `[0] + linspace` drop-path list (SPEC 9 item 3).
+    `dynamic_img_size=True` accepts any input with a square patch grid, resampling the position table to it
+    (timm's ViT flag); the cls token stays at N // 2 of that grid.
 
     Odd patch counts (e.g. a 15x15 grid): the v3 mixer places the cls slot at `L//2 = (N+1)//2` while the model
     inserts it at `N//2`, so the column-order scans treat one patch as the cls (official, SPEC 9 item 6).
     Even grids (14x14 at 224, 24x24 at 384) are unaffected.
     """
 
+    cls_layout = "middle"
+    square_grid_only = True
+
     def __init__(self, img_size=224, patch_size=16, stride=None, depth=24, embed_dim=192, channels=3,
                  num_classes=1000, ssm_cfg=None, drop_rate=0.0, drop_path_rate=0.1, bimamba_type="v3",
-                 global_pool=False, official_drop_path=True, in_chans=None, **kwargs):
+                 global_pool=False, official_drop_path=True, in_chans=None, dynamic_img_size=False, **kwargs):
         super().__init__()
         _check_official_flags(kwargs, type(self).__name__)
         channels = in_chans if in_chans is not None else channels  # timm passes in_chans
-        self.patch_embed = _make_patch_embed(img_size, patch_size, stride, channels, embed_dim)
+        self.dynamic_img_size = dynamic_img_size
+        self.patch_embed = _make_patch_embed(img_size, patch_size, stride, channels, embed_dim,
+                                             strict_img_size=not dynamic_img_size)
         num_patches = self.patch_embed.num_patches
-        if num_patches % 2:
-            warnings.warn(f"ARM with an odd patch count ({num_patches}): the four-direction mixer assumes the cls "
-                          f"token at {(num_patches + 1) // 2}, the model puts it at {num_patches // 2} (official "
-                          f"behaviour, SPEC 9 item 6)")
+        _warn_if_odd(num_patches)
         self.num_classes = num_classes
         self.in_chans = channels
         self.global_pool = _as_global_pool(global_pool)
         self.embed_dim = self.num_features = self.head_hidden_size = embed_dim
-        self.cls_index = num_patches // 2
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
         self.pos_drop = nn.Dropout(drop_rate)
@@ -373,8 +384,12 @@ class ARM(TokenFeatures, nn.Module):
             self.global_pool = _as_global_pool(global_pool)
         self._replace_head(num_classes)
 
+    def set_input_size(self, img_size=None, patch_size=None):
+        super().set_input_size(img_size, patch_size)
+        _warn_if_odd(self.patch_embed.num_patches)
+
     def forward_head(self, x, pre_logits=False):
-        t = self.cls_index
+        t = (x.shape[1] - 1) // 2  # N // 2 of this input's N patches (dynamic_img_size)
         if self.global_pool == "avg":
             x = (x[:, :t].mean(1) + x[:, t + 1:].mean(1)) / 2
         elif self.global_pool == "token":

@@ -8,9 +8,11 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import trunc_normal_
+from timm.layers import resample_patch_embed, trunc_normal_
 from timm.models._features import feature_take_indices
 from torch.utils.checkpoint import checkpoint
+
+from advarm.checkpoint import resize_pos_embed
 
 # timm 0.4.12 divided the lecun std by this constant (std of a +-2 sigma truncated unit normal).
 _TRUNC_STD_CORRECTION = 0.87962566103423978
@@ -40,25 +42,51 @@ def square_img_size(img_size, model_name):
 
 
 class PatchEmbed(nn.Module):
-    """Non-overlapping patches -> ``(B, N, C)`` tokens in raster order, for one fixed square input size.
+    """Non-overlapping patches -> ``(B, N, C)`` tokens in raster order.
 
-    ``grid_size`` is an int (official); models are built per resolution, so a wrong input size is an error.
+    ``grid_size`` is an int (official): the square grid of the size the model is built at. With
+    ``strict_img_size=True`` another input size is an error; ``False`` (the models' ``dynamic_img_size``)
+    accepts any size, whose grid ``feat_size`` gives. ``set_input_size`` changes the built size in place.
     """
 
-    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768):
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, strict_img_size=True):
         super().__init__()
-        self.img_size = img_size
-        self.patch_size = patch_size
-        self.grid_size = (img_size - patch_size) // patch_size + 1
-        self.num_patches = self.grid_size ** 2
+        self.strict_img_size = strict_img_size
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self._set_geometry(img_size, patch_size)
+
+    def _set_geometry(self, img_size, patch_size):
+        self.img_size, self.patch_size = img_size, patch_size
+        self.grid_size = self.feat_size(img_size, img_size)[0]
+        self.num_patches = self.grid_size ** 2
+
+    def feat_size(self, height, width):
+        """Patch grid (rows, columns) of an input of this size (trailing pixels that fill no patch are dropped)."""
+        return (height - self.patch_size) // self.patch_size + 1, (width - self.patch_size) // self.patch_size + 1
+
+    def set_input_size(self, img_size=None, patch_size=None):
+        """New built size and/or patch size; the kernel is resampled with timm's ``resample_patch_embed``
+        (its defaults, as timm's PatchEmbed.set_input_size: bicubic, antialiased)."""
+        img_size = self.img_size if img_size is None else square_img_size(img_size, "PatchEmbed")
+        patch_size = self.patch_size if patch_size is None else square_img_size(patch_size, "PatchEmbed patch")
+        if patch_size != self.patch_size:
+            old = self.proj
+            self.proj = nn.Conv2d(old.in_channels, old.out_channels, kernel_size=patch_size, stride=patch_size,
+                                  device=old.weight.device, dtype=old.weight.dtype)
+            with torch.no_grad():
+                self.proj.weight.copy_(resample_patch_embed(old.weight, [patch_size, patch_size]))
+                self.proj.bias.copy_(old.bias)
+            self.proj.requires_grad_(old.weight.requires_grad)
+            self.proj.train(old.training)
+        self._set_geometry(img_size, patch_size)
 
     def forward(self, x):
         height, width = x.shape[-2:]
-        if (height, width) != (self.img_size, self.img_size):
+        if self.strict_img_size and (height, width) != (self.img_size, self.img_size):
             raise ValueError(
                 f"input size {height}x{width} does not match the model's img_size "
-                f"{self.img_size}x{self.img_size}; build the model with img_size={height}"
+                f"{self.img_size}x{self.img_size}; build the model with img_size={height} "
+                f"(or dynamic_img_size=True, or call set_input_size)"
             )
         return self.proj(x).flatten(2).transpose(1, 2)
 
@@ -132,7 +160,39 @@ class TokenFeatures:
     Both models run `_embed` -> `layers` -> `norm_f` over patch tokens in raster order with one class token
     inserted at `cls_index` (Adventurer: the end; ARM: the middle). Intermediates are the block outputs
     without the class token, as NCHW maps (or NLC); `return_prefix_tokens` pairs each with its class token.
+    With `dynamic_img_size` the position table is resampled on the fly to each input's patch grid, as timm's
+    ViT does; `set_input_size` resamples it once, in place.
     """
+
+    cls_layout = "last"  # where the class token sits: "last" or "middle" (index N // 2), as resize_pos_embed says
+    square_grid_only = False  # True: only square patch grids can run (ARM's column-order scans)
+
+    @property
+    def cls_index(self):
+        """Sequence position of the class token at the built input size."""
+        return self._cls_slot(self.patch_embed.num_patches)
+
+    def _cls_slot(self, num_patches):
+        return num_patches if self.cls_layout == "last" else num_patches // 2
+
+    @torch.jit.ignore
+    def set_input_size(self, img_size=None, patch_size=None):
+        """Rebuild for another input size and/or patch size in place (the API of timm's ViT).
+
+        The position table is resampled as the checkpoint filters resample it when weights are loaded at
+        another size (bicubic, antialias off, class token kept in its family's slot), so the model equals
+        one built at the new size from resized weights. timm's ViT resamples with antialias on, which
+        differs only when the grid shrinks.
+        """
+        old = self.patch_embed.grid_size
+        self.patch_embed.set_input_size(img_size, patch_size)
+        new = self.patch_embed.grid_size
+        if new != old:
+            with torch.no_grad():
+                table = resize_pos_embed(self.pos_embed, (new, new), (old, old), cls_position=self.cls_layout)
+            self.pos_embed = nn.Parameter(table, requires_grad=self.pos_embed.requires_grad)
+        for info in self.feature_info:
+            info["reduction"] = self.patch_embed.patch_size
 
     @torch.jit.ignore
     def group_matcher(self, coarse=False):
@@ -158,12 +218,32 @@ class TokenFeatures:
         self.head = nn.Linear(self.embed_dim, num_classes, **like) if num_classes > 0 else nn.Identity()
         self.head.train(self.training)
 
+    def _input_grid(self, x):
+        """Patch grid (rows, columns) of this input: the built grid, or with dynamic_img_size the input's own."""
+        if not self.dynamic_img_size:
+            return self.patch_embed.grid_size, self.patch_embed.grid_size
+        grid = self.patch_embed.feat_size(*x.shape[-2:])
+        if self.square_grid_only and grid[0] != grid[1]:
+            raise ValueError(f"{type(self).__name__} needs a square patch grid (its four-direction scan reads the "
+                             f"grid by columns too), got a {grid[0]}x{grid[1]} grid from a "
+                             f"{x.shape[-2]}x{x.shape[-1]} input")
+        return grid
+
     def _embed(self, x):
-        """Patch tokens with the class token inserted at `cls_index`, plus position embedding and dropout."""
+        """Patch tokens with the class token inserted at its slot, plus position embedding and dropout."""
+        grid = self._input_grid(x)
         x = self.patch_embed(x)
         cls = self.cls_token.expand(x.shape[0], -1, -1)
-        x = torch.cat([x[:, :self.cls_index], cls, x[:, self.cls_index:]], dim=1)
-        return self.pos_drop(x + self.pos_embed)
+        t = self._cls_slot(grid[0] * grid[1])
+        x = torch.cat([x[:, :t], cls, x[:, t:]], dim=1)
+        return self.pos_drop(x + self._pos_embed_for(grid))
+
+    def _pos_embed_for(self, grid):
+        """The position table, resampled to `grid` when that is not the built one (dynamic_img_size)."""
+        built = self.patch_embed.grid_size
+        if grid == (built, built):
+            return self.pos_embed
+        return resize_pos_embed(self.pos_embed, grid, (built, built), cls_position=self.cls_layout)
 
     def forward_features(self, x):
         """Images -> normalised token sequence (B, N+1, C), class token at `cls_index`."""
@@ -178,16 +258,17 @@ class TokenFeatures:
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.layers), indices)
         layers = self.layers[:max_index + 1] if stop_early else self.layers
+        grid = self._input_grid(x)
         x = self._embed(x)
         taken = []
         for i, layer in enumerate(layers):
             x = run_block(layer, x, self.grad_checkpointing)
             if i in take_indices:
                 taken.append(self.norm_f(x) if norm else x)
-        t, grid = self.cls_index, self.patch_embed.grid_size
+        t = self._cls_slot(grid[0] * grid[1])
         intermediates = [torch.cat([y[:, :t], y[:, t + 1:]], dim=1) for y in taken]
         if output_fmt == "NCHW":
-            intermediates = [y.reshape(y.shape[0], grid, grid, -1).permute(0, 3, 1, 2).contiguous()
+            intermediates = [y.reshape(y.shape[0], *grid, -1).permute(0, 3, 1, 2).contiguous()
                              for y in intermediates]
         if return_prefix_tokens:
             intermediates = list(zip(intermediates, [y[:, t:t + 1] for y in taken]))
