@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
 
 from advarm.checkpoint import (
     CheckpointError,
@@ -490,26 +490,42 @@ def create_finetune_model(name, **kwargs):
     return ARM(**{**_config(name), **kwargs})
 
 
-def _cfg(**kwargs):
+def _cfg(input_size):
+    """The official finetune eval transform (SPEC 8.2): SQUARE resize of both sides to int(size / crop_pct),
+    bicubic, centre crop; crop_pct = 224/256 up to 224 px, else 1.0."""
     return dict(
-        url="", num_classes=1000, input_size=(3, 224, 224), pool_size=None, crop_pct=0.875,
-        interpolation="bicubic", fixed_input_size=True, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
-        first_conv="patch_embed.proj", classifier="head", paper_ids="arXiv:2406.07537",
-        paper_name="Autoregressive Pretraining with Mamba in Vision", origin_url="https://github.com/OliverRensu/ARM",
-        # The hub repo's file names are not published: online loading fails; load offline with
-        # pretrained_cfg_overlay=dict(file=path).
-        hf_hub_id="OliverRen/ARM", **kwargs)
+        url="", num_classes=1000, input_size=(3, input_size, input_size), pool_size=None,
+        crop_pct=224 / 256 if input_size <= 224 else 1.0, crop_mode="squash", interpolation="bicubic",
+        fixed_input_size=True, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+        first_conv="patch_embed.proj", classifier="head", license="unknown",  # the repository states no license
+        paper_ids="arXiv:2406.07537", paper_name="Autoregressive Pretraining with Mamba in Vision",
+        origin_url="https://github.com/OliverRensu/ARM", hf_hub_id="OliverRen/ARM")
 
 
-default_cfgs = generate_default_cfgs({
-    "arm_base_pz16.in1k": _cfg(),
-    "arm_large_pz16.in1k": _cfg(),
-    "arm_huge_pz16.in1k": _cfg(),
-})
+# The released finetuned classifiers (README: 83.2 base, 85.0 huge, 85.5 huge at 384): input size and the
+# pooling their head was trained with, applied at creation. The README finetunes base and large with
+# `--global_pool True` (mean of the two halves); it gives no huge command, which is taken to be the same.
+# The README links only the hub repository, not its file names, so none is recorded: pretrained=True needs
+# pretrained_cfg_overlay=dict(file=PATH) (see _create_arm).
+_RELEASED = {
+    "arm_base_pz16.in1k": (224, "avg"),
+    "arm_large_pz16.in1k": (224, "avg"),
+    "arm_huge_pz16.in1k": (224, "avg"),
+    "arm_huge_pz16.in1k_384": (384, "avg"),
+}
+default_cfgs = generate_default_cfgs({name: _cfg(size) for name, (size, _) in _RELEASED.items()})
 
 
 def _create_arm(variant, pretrained=False, **kwargs):
     out_indices = kwargs.pop("out_indices", 3)
+    cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
+    released = _RELEASED.get(f"{cfg.architecture}.{cfg.tag}")
+    if released is not None:
+        kwargs.setdefault("global_pool", released[1])
+    if pretrained and not (cfg.file or cfg.url or cfg.hf_hub_filename or cfg.state_dict):
+        raise ValueError(f"pretrained=True: the released ARM files are not named anywhere public (the official "
+                         f"README links only https://huggingface.co/{cfg.hf_hub_id}); download the file and pass "
+                         f"pretrained_cfg_overlay=dict(file=PATH)")
     # timm's create_model(device=..., dtype=...): allocate on that device (meta builds cost nothing), then cast.
     device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
     with torch.device(device) if device is not None else nullcontext():
