@@ -16,6 +16,9 @@ Every official flag keeps its name and default. Departures from the official scr
 * `--finetune` resizes the position table with the class token LAST (Adventurer's layout); the official
   one-token-shifted resize is opt-in with `--finetune-pos-shift` (SPEC 9.2); a different patch size is an
   error; keys the model lacks are skipped and reported instead of raising KeyError;
+* `--eval-crop-ratio` defaults to `auto`: the crop of the released checkpoint the run names (1.0 for the
+  384/448 and patch-8 files, which the official default 0.875 evaluated wrongly), else 0.875; an explicit
+  value is used as given;
 * `--resume auto` picks the newest complete checkpoint in `--output_dir`; `--save-every-iters N` also saves
   inside an epoch so a killed job loses at most N iterations.
 * wandb, mlflow and TensorBoard (advarm.loggers flags) continue the same run after a resume, with run ids
@@ -24,7 +27,6 @@ Every official flag keeps its name and default. Departures from the official scr
 import argparse
 import copy
 import datetime
-import difflib
 import math
 import time
 from pathlib import Path
@@ -34,12 +36,13 @@ import torch.backends.cudnn as cudnn
 import torch.distributed as dist
 from timm.data import Mixup
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.models import create_model, is_model, list_models
+from timm.models import create_model
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, NativeScaler, ParseKwargs, random_seed
 
 import datasets
+import inference
 import models_adventurer  # noqa: F401  (registers adventurer_* models in timm)
 import samplers
 from advarm import checkpoint, kernels, loggers, utils
@@ -51,6 +54,19 @@ from engine import evaluate, train_one_epoch
 FINETUNE_DROPPABLE = ("head.weight", "head.bias", "head_dist.weight", "head_dist.bias", "cls_token",
                       "pos_embed_cls", "register", "neck.weight", "norm_neck.weight")
 LR_REFERENCE_BATCH = 512
+
+
+def crop_ratio(text):
+    """argparse type of --eval-crop-ratio: 'auto' or a ratio in (0, 1]."""
+    if text == "auto":
+        return text
+    try:
+        ratio = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number, got {text!r}") from None
+    if not 0 < ratio <= 1:
+        raise argparse.ArgumentTypeError(f"the crop ratio must be in (0, 1], got {ratio}")
+    return ratio
 
 
 def get_args_parser():
@@ -165,7 +181,9 @@ def get_args_parser():
     parser.add_argument("--save-every-iters", default=0, type=int, metavar="N",
                         help="also save checkpoint.pth every N iterations inside an epoch (0: off)")
     parser.add_argument("--eval", action="store_true", help="evaluate only")
-    parser.add_argument("--eval-crop-ratio", default=0.875, type=float, help="eval resize = input size / ratio")
+    parser.add_argument("--eval-crop-ratio", default="auto", type=crop_ratio,
+                        help="eval resize = input size / ratio; auto (default): the crop of the released checkpoint "
+                             "that --resume's file name or --model at --input-size names, else the official 0.875")
     parser.add_argument("--dist-eval", action="store_true", default=False, help="shard the validation set")
     parser.add_argument("--num_workers", default=10, type=int)
     parser.add_argument("--pin-mem", action="store_true")
@@ -221,10 +239,7 @@ def check_args(args):
 
 
 def build_model(args):
-    if not is_model(args.model):
-        names = list_models()
-        close = difflib.get_close_matches(args.model, names, n=5, cutoff=0.6) or list_models("adventurer*")
-        raise SystemExit(f"unknown model '{args.model}'; close matches: {', '.join(close)}")
+    inference.check_model_name(args.model)
     print(f"Creating model: {args.model}")
     try:
         return create_model(args.model, pretrained=False, num_classes=args.nb_classes, drop_rate=args.drop,
@@ -406,6 +421,9 @@ def run(args):
     random_seed(args.seed, utils.get_rank())
     cudnn.benchmark = True
 
+    if args.eval_crop_ratio == "auto":
+        args.eval_crop_ratio, source = inference.auto_crop_pct(args.model, args.input_size, args.resume)
+        print(f"--eval-crop-ratio auto: {args.eval_crop_ratio} ({source})")
     sampler_train, dataset_train, dataset_val, loader_val = build_data(args, device)
     model = build_model(args)
     if args.finetune:

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+import inference
 import main
 from advarm import checkpoint
 
@@ -128,9 +129,40 @@ SPEC_DEFAULTS = dict(
     amp="bfloat16", if_wandb=False, wandb_resume=None)
 
 
+# Deliberate: the official 0.875 for every file evaluates the 384/448 and patch-8 releases wrongly; `auto` is
+# 0.875 except for those (tests/test_validate.py), and an explicit 0.875 keeps the official behaviour.
+CHANGED_DEFAULTS = dict(eval_crop_ratio="auto")
+
+
 def test_every_official_flag_keeps_its_default():
     args = vars(parse([]))
-    assert {k: args[k] for k in SPEC_DEFAULTS} == SPEC_DEFAULTS
+    assert {k: args[k] for k in SPEC_DEFAULTS} == {**SPEC_DEFAULTS, **CHANGED_DEFAULTS}
+
+
+@pytest.mark.parametrize("model, size, file, crop", [
+    ("adventurer_base_patch16", 224, None, 0.875),
+    ("adventurer_base_patch16", 128, None, 0.875),  # stage 1 of the recipe: not a released size
+    ("adventurer_base_patch16", 384, None, 1.0),
+    ("adventurer_base_patch16", 448, "https://huggingface.co/Wangf3014/Adventurer/resolve/main/"
+                                     "adventurer_base_patch16_448.pth", 1.0),
+    ("adventurer_base_patch16", 224, "/ckpt/adventurer_base_patch16_384.pth", 1.0),  # the file names the release
+    ("adventurer_base_patch8", 224, "auto", 1.0),
+    ("adventurer_base_patch16_384", 384, "/out/checkpoint.pth", 1.0),
+    ("adventurer_tiny_patch16.in1k_224", 224, None, 0.875),
+    ("arm_huge_pz16", 384, None, 1.0),
+    ("vit_tiny_patch16_224", 224, None, 0.875),  # not ours: the official default
+])
+def test_auto_crop_is_the_released_checkpoints(model, size, file, crop):
+    assert inference.auto_crop_pct(model, size, file)[0] == crop
+
+
+def test_eval_crop_ratio_flag():
+    assert parse([]).eval_crop_ratio == "auto"
+    assert parse(["--model", "adventurer_base_patch16_384", "--input-size", "384",
+                  "--eval-crop-ratio", "0.875"]).eval_crop_ratio == 0.875  # explicit: used as given
+    for bad in ("abc", "0", "1.5"):
+        with pytest.raises(SystemExit):
+            parse(["--eval-crop-ratio", bad])
 
 
 def test_official_readme_commands_parse():
