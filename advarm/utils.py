@@ -83,9 +83,10 @@ def init_distributed_mode(args):
     """Set args.rank/world_size/gpu/distributed/dist_backend from the launcher and join the process group.
 
     Order: OpenMPI (`args.dist_on_itp`), torchrun / `torch.distributed.launch --use_env` (RANK,
-    WORLD_SIZE, LOCAL_RANK; a legacy `--local-rank` flag is the fallback for LOCAL_RANK), Slurm
-    (SLURM_PROCID, world size from `args.world_size` as set by run_with_submitit), else one process.
-    nccl when the run uses CUDA, gloo otherwise (`args.device == "cpu"` or no GPU).
+    WORLD_SIZE, LOCAL_RANK; a legacy `--local-rank` flag is the fallback for LOCAL_RANK; run_with_submitit
+    exports the same variables for jobs of several tasks), Slurm without a launcher (SLURM_PROCID, world
+    size from `--world_size`, as officially), else one process. nccl when the run uses CUDA, gloo otherwise
+    (`args.device == "cpu"` or no GPU).
     """
     use_cuda = torch.cuda.is_available() and str(getattr(args, "device", "cuda")).startswith("cuda")
     args.dist_backend = "nccl" if use_cuda else "gloo"
