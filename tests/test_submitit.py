@@ -39,7 +39,7 @@ ARM = ["--device", "cpu", "--data-set", "DIGITS", "--input_size", "16", "--batch
        "--max-iters-per-epoch", str(ITERS), "--save-every-iters", str(SAVE_EVERY), "--warmup_epochs", "1",
        "--amp", "none", "--num_workers", "0", "--log_dir", "", "--model", "arm_base_pz16"]
 PRETRAIN = ["--script", "main_pretrain", *ARM,
-            "--model-kwargs", "img_size=16", "patch_size=2", "depth=2", "embed_dim=16", "dec_embed_dim=32"]
+            "--model-kwargs", "img_size=16", "patch_size=2", "depth=4", "embed_dim=16", "dec_embed_dim=32"]
 FINETUNE = ["--script", "main_finetune", *ARM, "--model-kwargs", "patch_size=2", "depth=2", "embed_dim=16",
             "--ema_decay", "0.9", "--blr", "0.05"]
 LOCAL = ["--cluster", "local", "--nodes", "1", "--ngpus", "0"]
