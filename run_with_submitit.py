@@ -15,9 +15,9 @@ runs, so there `%j` is replaced before submission by `local-<date>-<time>`.
 
 Tasks: `--ngpus N` asks for N GPUs and N tasks per node, `--ngpus 0` for one task without a GPU; with
 `--device cpu` the tasks are CPU processes on gloo. Every task takes its rank, local rank, world size and
-the master address and port from submitit, in torchrun's variables (env://), so N tasks train exactly as
-`torchrun --nproc_per_node N` would, and a job of one task exactly as `python main.py` (not distributed:
-no RASampler, no lr scaling for a world of one).
+the master address and port from submitit, in torchrun's variables (`--dist_url` becomes env://), so N
+tasks train exactly as `torchrun --nproc_per_node N` would, and a job of one task exactly as `python
+main.py` (not distributed: no RASampler, lr scaled for one process).
 
 Preemption and time limits: Slurm signals the job (USR2, 120 s before the time limit); submitit then calls
 Trainer.checkpoint() on global rank 0, which saves nothing (the kill follows soon) and hands the same job
