@@ -197,15 +197,24 @@ def continue_job(args):
         args.overwrite = False  # what the first start moved aside stays aside; this start continues it
 
 
+def write_into(args, folder):
+    """As officially, the script writes into the job folder: --output_dir, and the ARM scripts' default --log_dir."""
+    defaults = entry_module(args.script).get_args_parser()
+    if args.output_dir not in (defaults.get_default("output_dir"), folder):
+        print(f"note: the job writes into its job folder {folder}, not --output_dir {args.output_dir} "
+              f"(choose the folder with --job_dir)")
+    args.job_dir = args.output_dir = folder
+    if hasattr(args, "log_dir") and args.log_dir == defaults.get_default("log_dir"):
+        utils.resolve_log_dir(args)  # off, with a note, when tensorboard is absent
+        if args.log_dir:
+            args.log_dir = folder  # beside the checkpoints, not in the working directory
+
+
 def main(argv=None):
     args = parse_args(argv)
     submitit = import_submitit()
     folder = job_folder(args)
-    args.job_dir = args.output_dir = folder
-    if hasattr(args, "log_dir") and args.log_dir == entry_module(args.script).get_args_parser().get_default("log_dir"):
-        utils.resolve_log_dir(args)  # the ARM default: off, with a note, when tensorboard is absent
-        if args.log_dir:
-            args.log_dir = folder  # official ./output_dir: beside the checkpoints, not in the working directory
+    write_into(args, folder)
     executor = make_executor(submitit, args, folder)
     try:
         job = executor.submit(Trainer(args))

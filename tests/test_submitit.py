@@ -13,6 +13,7 @@ its first start; from there on (submitit's handler, Trainer.checkpoint, the pick
 requeue and the restart) everything is submitit's.
 """
 import functools
+import importlib.util
 import json
 import os
 import signal
@@ -320,6 +321,20 @@ def test_a_restart_resumes_from_the_job_folder_once_it_holds_a_checkpoint(resume
     args.output_dir = str(tmp_path)
     launcher.continue_job(args)
     assert args.resume == expected
+
+
+@pytest.mark.parametrize("script", ["main", "main_pretrain", "main_finetune"])
+def test_the_script_writes_into_the_job_folder(script, capsys):
+    """Also the ARM scripts' TensorBoard events (default --log_dir), where tensorboard is installed."""
+    args = launcher.parse_args(["--script", script])
+    launcher.write_into(args, "/jobs/%j")
+    assert args.output_dir == args.job_dir == "/jobs/%j"
+    if script != "main":
+        assert args.log_dir == ("/jobs/%j" if importlib.util.find_spec("tensorboard") else "")
+    assert "note" not in capsys.readouterr().out
+    args = launcher.parse_args(["--script", script, "--output_dir", "/mine"])
+    launcher.write_into(args, "/jobs/%j")
+    assert args.output_dir == "/jobs/%j" and "not --output_dir /mine" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------------
