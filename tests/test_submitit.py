@@ -318,7 +318,6 @@ def test_a_restart_resumes_from_the_job_folder_once_it_holds_a_checkpoint(resume
     if saved:
         checkpoint.save_checkpoint({"epoch": 3}, tmp_path / "checkpoint.pth")
     args = launcher.parse_args(["--output_dir", str(tmp_path), "--resume", resume])
-    args.output_dir = str(tmp_path)
     launcher.continue_job(args)
     assert args.resume == expected
 
