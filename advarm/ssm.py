@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from advarm.kernels import kernels_for
+from advarm.kernels import causal_conv1d_layout, kernels_for, split_conv1d_scan_accepts
 from advarm.scans import selective_scan, ssd_chunked
 
 __all__ = ["Mamba2", "Mamba1", "GatedRMSNorm", "column_order", "V3_DIRECTIONS"]
@@ -22,12 +22,12 @@ __all__ = ["Mamba2", "Mamba1", "GatedRMSNorm", "column_order", "V3_DIRECTIONS"]
 def _causal_conv1d_silu(x, weight, bias, kernels=None):
     """SiLU(depthwise causal conv) over the last axis of x (b, c, l), left zero padding of kernel-1.
 
-    Uses causal-conv1d's CUDA kernel when the kernels are in use and it is installed.
+    Uses causal-conv1d's CUDA kernel when the kernels are in use and it is installed, on a copy where
+    x's layout is one the kernel rejects (a channel-last view whose strides are not multiples of 8).
     """
     if kernels is not None and kernels.causal_conv1d is not None:
-        return kernels.causal_conv1d(x, weight.squeeze(1), bias, activation="silu")
+        return kernels.causal_conv1d(causal_conv1d_layout(x), weight.squeeze(1), bias, activation="silu")
     return F.silu(F.conv1d(x, weight, bias, padding=weight.shape[-1] - 1, groups=x.shape[1])[..., :x.shape[-1]])
-
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -103,7 +103,9 @@ class Mamba2(nn.Module):
         zxbcdt = self.in_proj(u)
         A = -torch.exp(self.A_log.float())
         kernels = kernels_for("Mamba2", zxbcdt)
-        if kernels is not None and kernels.split_conv1d_scan is not None:
+        conv_dim = self.conv1d.weight.shape[0]
+        if (kernels is not None and kernels.split_conv1d_scan is not None
+                and split_conv1d_scan_accepts(zxbcdt.shape[-1], conv_dim)):
             return kernels.split_conv1d_scan(
                 zxbcdt, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.dt_bias, A, D=self.D,
                 chunk_size=self.chunk_size, activation="silu", rmsnorm_weight=self.norm.weight,
@@ -116,7 +118,7 @@ class Mamba2(nn.Module):
         x = x.unflatten(-1, (self.nheads, self.headdim))
         B = B.unflatten(-1, (self.ngroups, self.d_state))
         C = C.unflatten(-1, (self.ngroups, self.d_state))
-        if kernels is not None:  # Triton SSD (no fused path: causal_conv1d's CUDA extension is missing)
+        if kernels is not None:  # Triton SSD (no fused path: no causal_conv1d extension, or widths it rejects)
             y = kernels.chunk_scan(x, dt, A, B, C, self.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_softplus=True)
         else:
             dt = F.softplus(dt.float() + self.dt_bias.float())

@@ -1,4 +1,5 @@
 """advarm.ssm, advarm.scans, advarm.kernels: the torch scans against per-token recurrences, the mixers' layout/init, and backend dispatch."""
+import importlib
 import math
 import sys
 
@@ -308,7 +309,11 @@ def fake_kernels(problems=None, **entry_points):
 
 # Stand-ins with the signatures of mamba-ssm 2.3 / causal-conv1d entry points, computing with torch.
 def stand_in_conv(x, weight, bias=None, activation=None):
+    """causal_conv1d_fn, with the layout checks of causal-conv1d's csrc/causal_conv1d.cpp."""
     assert weight.dim() == 2 and activation == "silu"
+    assert x.stride(2) == 1 or x.stride(1) == 1
+    if x.stride(1) == 1 and x.stride(2) > 1:  # channel-last
+        assert x.shape[1] % 8 == 0 and x.stride(0) % 8 == 0 and x.stride(2) % 8 == 0, "causal-conv1d rejects it"
     return F.silu(F.conv1d(F.pad(x, (weight.shape[-1] - 1, 0)), weight[:, None], bias, groups=x.shape[1]))
 
 
@@ -322,7 +327,8 @@ def stand_in_split_conv1d_scan(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D
                                seq_idx=None, dt_limit=(0.0, math.inf), return_final_states=False,
                                activation="silu", rmsnorm_weight=None, rmsnorm_eps=1e-6, outproj_weight=None,
                                outproj_bias=None, headdim=None, ngroups=1, norm_before_gate=True):
-    """What mamba_split_conv1d_scan_ref computes, for the arguments Mamba2 passes."""
+    """What mamba_split_conv1d_scan_ref computes, for the arguments Mamba2 passes; like mamba-ssm < 2.3
+    it hands the channel-last slice of zxbcdt to causal-conv1d without copying it."""
     assert not norm_before_gate and rmsnorm_weight is not None and outproj_weight is not None
     nheads = D.shape[0]
     dim = nheads * headdim
@@ -371,7 +377,7 @@ def test_auto_on_cpu_tensors_uses_torch_without_importing_kernels(monkeypatch, c
 
 def test_forcing_mamba_ssm_on_cpu_tensors_raises_clear_error(monkeypatch):
     monkeypatch.setenv("SSM_BACKEND", "mamba_ssm")
-    with pytest.raises(kernels.BackendUnavailableError, match="pip install mamba-ssm causal-conv1d") as info:
+    with pytest.raises(kernels.BackendUnavailableError, match="pip install causal-conv1d mamba-ssm") as info:
         ssm.Mamba1(16)(torch.randn(1, 5, 16))
     assert "on cpu" in str(info.value) and isinstance(info.value, RuntimeError)
 
@@ -399,14 +405,76 @@ def test_kernel_call_conventions_match_torch_path(monkeypatch, install):
     entry_points = dict(chunk_scan=stand_in_chunk_scan, selective_scan=stand_in_selective_scan)
     if install == "full":
         entry_points.update(split_conv1d_scan=stand_in_split_conv1d_scan, causal_conv1d=stand_in_conv)
-    mixers = [(perturbed(ssm.Mamba2(32, d_state=8, headdim=16)), torch.randn(2, 9, 32)),
+    mixers = [(perturbed(ssm.Mamba2(32, d_state=8, headdim=8)), torch.randn(2, 9, 32)),
               (perturbed(ssm.Mamba1(16, bimamba_type="v3")), torch.randn(2, 17, 16))]
     expected = [m(u) for m, u in mixers]
     monkeypatch.setattr(kernels, "_kernels", lambda: fake_kernels(**entry_points))
-    monkeypatch.setattr(kernels, "_unavailable_reason", lambda mixer, tensor: None)
+    monkeypatch.setattr(kernels, "_unavailable_reason", lambda mixer, device_type: None)
     kernels.set_backend("mamba_ssm")
     for (m, u), y in zip(mixers, expected):
         assert_close_rel(m(u), y, 1e-6, type(m).__name__)
+
+
+@pytest.mark.parametrize("embed_dim, fused", [(256, True), (64, False), (96, False)])
+def test_small_and_odd_widths_run_on_kernels_that_check_strides(monkeypatch, embed_dim, fused):
+    """Adventurer's Mamba2 at embed_dim 64 or 96 has an in_proj width (386, 515) that is no multiple of 8:
+    the fused path would hand causal-conv1d a view it rejects, so those widths take the unfused kernels
+    with the conv input copied; 256 (Adventurer-Tiny, width 1160) keeps the fused path."""
+    calls = []
+
+    def counted(name, fn):
+        return lambda *args, **kwargs: calls.append(name) or fn(*args, **kwargs)
+    entry_points = dict(chunk_scan=stand_in_chunk_scan, causal_conv1d=counted("conv", stand_in_conv),
+                        split_conv1d_scan=counted("fused", stand_in_split_conv1d_scan))
+    m = perturbed(ssm.Mamba2(embed_dim))
+    u = torch.randn(2, 9, embed_dim)
+    expected = m(u)
+    monkeypatch.setattr(kernels, "_kernels", lambda: fake_kernels(**entry_points))
+    monkeypatch.setattr(kernels, "_unavailable_reason", lambda mixer, device_type: None)
+    kernels.set_backend("mamba_ssm")
+    assert_close_rel(m(u), expected, 1e-5)
+    assert calls == (["fused"] if fused else ["conv"])
+
+
+def write_package(root, files):
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
+def test_probe_asks_for_the_compiled_extensions_themselves(tmp_path, monkeypatch):
+    """Wrappers that import without their CUDA extension (mamba-ssm after 2.3.2.post1 imports
+    selective_scan_fn without selective_scan_cuda) must not count as kernels."""
+    write_package(tmp_path, {
+        "mamba_ssm/__init__.py": "import selective_scan_cuda\n",
+        "mamba_ssm/ops/__init__.py": "",
+        "mamba_ssm/ops/triton/__init__.py": "",
+        "mamba_ssm/ops/triton/ssd_combined.py": "def mamba_chunk_scan_combined(): pass\n"
+                                                 "def mamba_split_conv1d_scan_combined(): pass\n"
+                                                 "causal_conv1d_fwd_function = None\n",
+        "mamba_ssm/ops/selective_scan_interface.py": "try:\n    import selective_scan_cuda\n"
+                                                      "except ImportError:\n    selective_scan_cuda = None\n"
+                                                      "def selective_scan_fn(): pass\n",
+        "causal_conv1d/__init__.py": "def causal_conv1d_fn(): pass\n",
+    })
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def probe():
+        for name in [n for n in sys.modules if n.split(".")[0] in ("mamba_ssm", "causal_conv1d", "selective_scan_cuda")]:
+            monkeypatch.delitem(sys.modules, name)
+        importlib.invalidate_caches()
+        return kernels._probe()
+    found = probe()
+    assert found.chunk_scan is not None and found.selective_scan is None and found.causal_conv1d is None
+    assert "selective_scan_cuda is not installed" in found.problems["mamba_ssm selective_scan_cuda (Mamba1)"]
+    assert "MAMBA_KEEP_CUDA_BUILD=TRUE" in found.problems["mamba_ssm selective_scan_cuda (Mamba1)"]
+    assert "causal_conv1d_cuda is not installed" in found.problems["causal_conv1d"]
+    write_package(tmp_path, {"selective_scan_cuda.py": "", "causal_conv1d_cuda.py": ""})
+    found = probe()
+    assert found.selective_scan is not None and found.causal_conv1d is not None and not found.problems
+    write_package(tmp_path, {"selective_scan_cuda.py": "raise ImportError('undefined symbol: _ZN3c10')\n"})
+    assert "does not load (ImportError: undefined symbol" in probe().problems["mamba_ssm selective_scan_cuda (Mamba1)"]
 
 
 def test_import_bypassing_a_broken_package_init(tmp_path, monkeypatch):
