@@ -22,17 +22,66 @@ def _autocast_off(device_type: str):
     return contextlib.nullcontext()
 
 
-def _segsum(a: torch.Tensor) -> torch.Tensor:
-    """out[..., i, j] = sum_{j < k <= i} a[..., k] (0 on the diagonal), -inf for j > i.
+def _compute_dtype(device_type: str) -> torch.dtype:
+    """The autocast dtype where autocast is on (bf16/fp16 matmuls with fp32 accumulation), else float32."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return torch.float32
 
-    Sums the masked increments directly instead of differencing one cumsum, which keeps 256-long
-    chunks accurate in float32 (as mamba-ssm's ssd_minimal does).
+
+def _segment_sums(cum: torch.Tensor) -> torch.Tensor:
+    """out[..., i, j] = cum[i] - cum[j] for j <= i, -inf above the diagonal; float32 from a float64 cumsum.
+
+    cum is split into float32 hi + lo parts, so each difference is as exact as summing its segment
+    directly (mamba-ssm ssd_minimal's stable `segsum`) while costing broadcast subtractions only, no
+    cumsum over the (l, l) matrix; a plain float32 difference of cumsums is off by up to eps * |cum|
+    (2e-5 relative in 256-token chunks).
     """
-    length = a.shape[-1]
-    tril = torch.ones(length, length, dtype=torch.bool, device=a.device).tril
-    increments = a.unsqueeze(-1).expand(*a.shape, length)  # [..., k, j] = a[k]
-    sums = increments.masked_fill(~tril(-1), 0).cumsum(-2)  # [..., i, j] = sum_{j < k <= i} a[k]
-    return sums.masked_fill(~tril(0), -math.inf)
+    hi = cum.float()
+    lo = (cum - hi).float()
+    sums = (hi[..., :, None] - hi[..., None, :]) + (lo[..., :, None] - lo[..., None, :])
+    length = cum.shape[-1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=cum.device).tril()
+    return sums.masked_fill(~causal, -math.inf)
+
+
+class _IntraChunk(torch.autograd.Function):
+    """Outputs of each chunk from its own inputs: y_i = sum_{j<=i} (C_i . B_j) exp(cum_i - cum_j) xdt_j.
+
+    C, B (b, c, l, g, n) and xdt (b, c, l, g, r, p) in the compute dtype, cum (b, g, r, c, l) float64;
+    returns float32 (b, c, l, g, r, p). The (l, l) score matrices exist only inside forward and
+    backward: backward recomputes them from the inputs (elementwise work and the small C.B product)
+    instead of autograd keeping three of them per layer, which is what long sequences ran out of
+    memory on.
+    """
+
+    @staticmethod
+    def _scores(C, B, cum):
+        """The decays exp(cum_i - cum_j) and the scores (C_i . B_j) * decay, (b, g, r, c, l, l) float32."""
+        CB = torch.einsum("bcign,bcjgn->bgcij", C, B).float()
+        decay = torch.exp(_segment_sums(cum))
+        return decay, CB[:, :, None] * decay
+
+    @staticmethod
+    def forward(ctx, C, B, cum, xdt):
+        ctx.save_for_backward(C, B, cum, xdt)
+        _, scores = _IntraChunk._scores(C, B, cum)
+        return torch.einsum("bgrcij,bcjgrp->bcigrp", scores.to(xdt.dtype), xdt).float()
+
+    @staticmethod
+    def backward(ctx, dy):
+        C, B, cum, xdt = ctx.saved_tensors
+        with _autocast_off(dy.device.type):
+            decay, scores = _IntraChunk._scores(C, B, cum)
+            dy = dy.to(xdt.dtype)
+            dscores = torch.einsum("bcigrp,bcjgrp->bgrcij", dy, xdt).float()
+            dxdt = torch.einsum("bgrcij,bcigrp->bcjgrp", scores.to(xdt.dtype), dy)
+            dsums = dscores * scores  # d loss / d (cum_i - cum_j), zero above the diagonal
+            dcum = dsums.sum(-1) - dsums.sum(-2)
+            dCB = (dscores * decay).sum(2).to(C.dtype)  # summed over the heads sharing a group
+            dC = torch.einsum("bgcij,bcjgn->bcign", dCB, B)
+            dB = torch.einsum("bgcij,bcign->bcjgn", dCB, C)
+        return dC, dB, dcum.to(cum.dtype), dxdt
 
 
 def ssd_chunked(x, dt, A, B, C, chunk_size=256):
@@ -41,35 +90,42 @@ def ssd_chunked(x, dt, A, B, C, chunk_size=256):
     x (b, l, h, p), dt (b, l, h) (already softplus-ed), A (h,), B and C (b, l, g, n) with the h heads
     split into g groups. Computed as in mamba-ssm's ssd_minimal: an attention-like quadratic form
     inside chunks, plus states passed between chunks by a small (chunks x chunks) decay matrix; no
-    loop over tokens or chunks. Everything runs in float32 with autocast off. Returns float32 y.
+    loop over tokens or chunks, and only the quadratic form when one chunk covers the sequence (198
+    tokens at 224 px). Decays and states are float32 with autocast off; under autocast the matrix
+    products take autocast-dtype operands with float32 accumulation, as mamba-ssm's kernels do.
+    Returns float32 y.
     """
+    compute = _compute_dtype(x.device.type)
     with _autocast_off(x.device.type):
-        x, dt, A, B, C = (t.float() for t in (x, dt, A, B, C))
         batch, seqlen, nheads, headdim = x.shape
         ngroups, dstate = B.shape[-2:]
         chunk = min(chunk_size, seqlen)  # a single short chunk is exact: no padding to 256 needed
         pad = -seqlen % chunk
+        dt = dt.float()
+        xdt = x.float() * dt[..., None]
         if pad:  # zero input and dt=0 (no decay) after the end: the real tokens are unaffected
-            x, dt, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
+            xdt, dt, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (xdt, dt, B, C))
         nchunks = (seqlen + pad) // chunk
         heads = (ngroups, nheads // ngroups)
-        xdt = (x * dt[..., None]).view(batch, nchunks, chunk, *heads, headdim)
-        B = B.view(batch, nchunks, chunk, ngroups, dstate)
-        C = C.view(batch, nchunks, chunk, ngroups, dstate)
-        log_decay = (dt * A).view(batch, nchunks, chunk, *heads).permute(0, 3, 4, 1, 2)  # (b, g, r, c, l)
-        cum = log_decay.cumsum(-1)
+        xdt = xdt.to(compute).view(batch, nchunks, chunk, *heads, headdim)
+        B = B.to(compute).view(batch, nchunks, chunk, ngroups, dstate)
+        C = C.to(compute).view(batch, nchunks, chunk, ngroups, dstate)
+        log_decay = (dt * A.float()).view(batch, nchunks, chunk, *heads).permute(0, 3, 4, 1, 2)  # (b, g, r, c, l)
+        cum = log_decay.double().cumsum(-1)
 
         # 1. outputs from inputs of the same chunk
-        scores = torch.einsum("bcign,bcjgn->bgcij", C, B)[:, :, None] * torch.exp(_segsum(log_decay))
-        y = torch.einsum("bgrcij,bcjgrp->bcigrp", scores, xdt)
-        # 2. state each chunk leaves behind from its own inputs
-        decay_to_end = torch.exp(cum[..., -1:] - cum)
-        states = torch.einsum("bcjgn,bgrcj,bcjgrp->bcgrpn", B, decay_to_end, xdt)
-        # 3. state entering each chunk: decayed sum of all earlier chunks' states
-        chunk_decay = torch.exp(_segsum(F.pad(cum[..., -1], (1, 0))))[..., :-1, 1:]  # [z, j]: chunk j -> z
-        entering = torch.einsum("bgrzc,bcgrpn->bzgrpn", chunk_decay, states)
-        # 4. outputs from the entering state
-        y = y + torch.einsum("bcign,bcgrpn,bgrci->bcigrp", C, entering, torch.exp(cum))
+        y = _IntraChunk.apply(C, B, cum, xdt)
+        if nchunks > 1:
+            # 2. state each chunk leaves behind from its own inputs
+            decay_to_end = torch.exp((cum[..., -1:] - cum).float()).permute(0, 3, 4, 1, 2)[..., None]
+            states = torch.einsum("bcjgn,bcjgrp->bcgrpn", B, (xdt * decay_to_end).to(compute)).float()
+            # 3. state entering each chunk: decayed sum of all earlier chunks' states
+            chunk_starts = F.pad(cum[..., -1].cumsum(-1), (1, 0))  # (b, g, r, c + 1) log decay since token 0
+            chunk_decay = torch.exp(_segment_sums(chunk_starts))[..., :-1, 1:]  # [z, j]: chunk j -> z
+            entering = torch.einsum("bgrzc,bcgrpn->bzgrpn", chunk_decay, states)
+            # 4. outputs from the entering state
+            decay_in = torch.exp(cum.float()).permute(0, 3, 4, 1, 2)[..., None]  # (b, c, l, g, r, 1)
+            y = y + torch.einsum("bcign,bcgrpn->bcigrp", C, entering.to(compute)).float() * decay_in
         return y.reshape(batch, nchunks * chunk, nheads, headdim)[:, :seqlen]
 
 
