@@ -44,18 +44,13 @@ class Block(nn.Module):
         self.mlp = SwiGLU(dim, int(dim * 2.5))
         self.norm_mlp = norm_layer(dim)
 
-    @staticmethod
-    def _flip_patches(x):
-        return torch.cat([x[:, :-1].flip(1), x[:, -1:]], dim=1)
-
     def forward(self, x):
         h = self.norm(x)
+        patches, cls = h[:, :-1], h[:, -1:]
         if self.flip:
-            h = self._flip_patches(h)
-        h = torch.cat([h.mean(dim=1, keepdim=True), h], dim=1)  # [avg, patches..., cls]
-        h = self.mixer(h)[:, 1:]
-        if self.flip:
-            h = self._flip_patches(h)
+            patches = patches.flip(1)
+        h = self.mixer(torch.cat([h.mean(dim=1, keepdim=True), patches, cls], dim=1))  # [avg, patches..., cls]
+        h = torch.cat([h[:, 1:-1].flip(1), h[:, -1:]], dim=1) if self.flip else h[:, 1:]
         x = x + self.drop_path(h)
         return x + self.drop_path(self.mlp(self.norm_mlp(x)))
 
