@@ -90,6 +90,7 @@ def get_args_parser():
                         help="which blocks flip the patch order (SPEC 9.1)")
     parser.add_argument("--ssm-backend", default=None, choices=["auto", "torch", "mamba_ssm"],
                         help="SSM kernels (default: $SSM_BACKEND or auto)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (utils.compile_model)")
 
     parser.add_argument("--model-ema", action="store_true")
     parser.add_argument("--no-model-ema", action="store_false", dest="model_ema")
@@ -475,6 +476,7 @@ def run(args):
     if args.model_ema:
         model_ema = ModelEmaV3(model, decay=args.model_ema_decay,
                                device=torch.device("cpu") if args.model_ema_force_cpu else None)
+    utils.compile_model(model, args.compile)
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[args.gpu] if device.type == "cuda" else None)

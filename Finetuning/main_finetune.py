@@ -68,6 +68,7 @@ def get_args_parser():
                         help="constructor overrides, e.g. patch_size=4 depth=2 embed_dim=64")
     parser.add_argument("--ssm-backend", dest="ssm_backend", default=os.environ.get("SSM_BACKEND", "auto"),
                         choices=["auto", "torch", "mamba_ssm"], help="selective-scan implementation")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (utils.compile_model)")
 
     # Optimiser and schedule
     parser.add_argument("--clip_grad", type=float, default=None, metavar="NORM")
@@ -310,6 +311,7 @@ def main(args):
 
     utils.resolve_blr(args)
 
+    utils.compile_model(model, args.compile)
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[args.gpu] if device.type == "cuda" else None)

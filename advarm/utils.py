@@ -335,6 +335,17 @@ def start_run(args):
     return device
 
 
+def compile_model(model, enabled):
+    """`--compile`: torch.compile the model in place (nn.Module.compile).
+
+    The object, its state_dict keys and therefore checkpoints and DDP stay as they are; call it after
+    the EMA copy is made (a deep copy would share the compiled call). The first steps compile.
+    """
+    if enabled:
+        model.compile()
+    return model
+
+
 def resolve_blr(args, reference_batch=256):
     """MAE/ARM lr rule: `--lr` if given, else `--blr * effective batch / 256`; prints the official lines."""
     eff_batch_size = args.batch_size * args.accum_iter * get_world_size()
