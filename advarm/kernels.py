@@ -29,7 +29,7 @@ from typing import Callable, Optional
 import torch
 
 __all__ = ["BACKENDS", "BackendUnavailableError", "set_backend", "get_backend", "available_backends", "kernels_for",
-           "causal_conv1d_layout", "split_conv1d_scan_accepts", "versions", "report"]
+           "causal_conv1d_layout", "split_conv1d_scan_accepts", "import_bypassing_init", "versions", "report"]
 
 BACKENDS = ("auto", "torch", "mamba_ssm")
 INSTALL_HINT = ("MAMBA_KEEP_CUDA_BUILD=TRUE pip install causal-conv1d mamba-ssm --no-build-isolation  "
@@ -50,7 +50,7 @@ class _Kernels:
     problems: dict = field(default_factory=dict)
 
 
-def _import_bypassing_init(package: str, submodule: str):
+def import_bypassing_init(package: str, submodule: str):
     """Import `package.submodule` without running `package/__init__.py` (which may import a CUDA ext)."""
     if package not in sys.modules:
         spec = importlib.util.find_spec(package)
@@ -92,7 +92,7 @@ def _probe() -> _Kernels:
         found.problems["mamba_ssm"] = "not installed"
         return found
     try:
-        ssd = _import_bypassing_init("mamba_ssm", "ops.triton.ssd_combined")
+        ssd = import_bypassing_init("mamba_ssm", "ops.triton.ssd_combined")
         found.chunk_scan = ssd.mamba_chunk_scan_combined
         # 2.3.x names the fused path's conv entry causal_conv1d_fwd_function, 2.2.x causal_conv1d_cuda
         conv_entry = getattr(ssd, "causal_conv1d_fwd_function", None) or getattr(ssd, "causal_conv1d_cuda", None)
@@ -105,7 +105,7 @@ def _probe() -> _Kernels:
             f"{why}; mamba-ssm after 2.3.2.post1 builds it only with MAMBA_KEEP_CUDA_BUILD=TRUE")
         return found
     try:
-        found.selective_scan = _import_bypassing_init("mamba_ssm", "ops.selective_scan_interface").selective_scan_fn
+        found.selective_scan = import_bypassing_init("mamba_ssm", "ops.selective_scan_interface").selective_scan_fn
     except Exception as exc:
         found.problems["mamba_ssm selective_scan_cuda (Mamba1)"] = f"import failed ({_error_text(exc)})"
     return found
