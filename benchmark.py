@@ -43,6 +43,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+from timm.utils import ParseKwargs
 
 from advarm import kernels, scans, ssm, utils
 
@@ -87,7 +88,8 @@ def get_args_parser():
     parser.add_argument("--dim", type=int, default=768, help="mixer/scan width (768: Adventurer-Base, ARM-Base)")
     parser.add_argument("--lengths", default="", help="mixer/scan sequence lengths instead of the --img-size ones")
     parser.add_argument("--depth", type=int, default=None, help="override every model's depth (smoke runs)")
-    parser.add_argument("--model-kwargs", nargs="*", default=[], type=utils.model_kwarg, metavar="KEY=VALUE",
+    parser.add_argument("--model-kwargs", nargs="*", default={}, type=utils.kwarg_pair, action=ParseKwargs,
+                        metavar="KEY=VALUE",
                         help="constructor overrides for the --model models (not the reference)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--quick", action="store_true", help=f"tiny CPU smoke run: {QUICK}")
