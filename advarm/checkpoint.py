@@ -3,7 +3,9 @@
 Loading never unpickles arbitrary objects unless the caller says the file is trusted: official training
 checkpoints only need `argparse.Namespace` (their `args`) and path objects beyond plain tensors and
 containers. Saving is atomic, so a job killed mid-write (Slurm preemption) never leaves a truncated
-`checkpoint.pth` behind for `--resume auto` to trip over.
+`checkpoint.pth` behind for `--resume auto` to trip over; the temp file it leaves is never picked up and is
+removed by the next run's start-up. `--resume auto` stops, naming the file, when the newest checkpoint
+cannot be read, instead of silently resuming older work or starting over.
 """
 import argparse
 import math
@@ -12,6 +14,7 @@ import pathlib
 import re
 import tempfile
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -27,16 +30,24 @@ STATE_DICT_KEYS = ("model", "state_dict", "model_ema", "state_dict_ema", "module
 STRIPPED_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
 CLS_POSITIONS = ("last", "first", "middle", "none")
 MAX_LISTED = 10
+RESUME_PATTERNS = ("checkpoint.pth", "checkpoint-*.pth")
+# Best-so-far copies (ARM finetuning) are written before an epoch's rolling checkpoint: resuming from one
+# after a kill between the two would leave that epoch's other files unwritten, so they are not resume points.
+BEST_COPIES = ("checkpoint--10.pth", "checkpoint--20.pth")
+TEMP_PATTERNS = (".*.pth.*.tmp", ".*.safetensors.*.tmp")  # save_checkpoint's temp files
+TRUSTED_HINT = ("if you trust the file's source, load it in Python with advarm.checkpoint.load_checkpoint_file("
+                "path, trusted=True) and save the tensors you need, e.g. torch.save({'model': ckpt['model']}, PATH)")
 
 
 class CheckpointError(ValueError):
     """A checkpoint file or state dict cannot be used; the message names the file and the problem."""
 
 
-def load_checkpoint_file(path, map_location="cpu", trusted=False):
+def load_checkpoint_file(path, map_location="cpu", trusted=False, mmap=False):
     """Load a `.pth/.pt/.bin` (torch) or `.safetensors` file into a dict.
 
-    `trusted=True` allows full unpickling for files from a source you trust (it can run code).
+    `trusted=True` allows full unpickling for files from a source you trust (it can run code). `mmap=True`
+    maps tensor data instead of reading it (zip-format torch files), for looking at a file's entries.
     """
     path = Path(path)
     if not path.is_file():
@@ -52,15 +63,17 @@ def load_checkpoint_file(path, map_location="cpu", trusted=False):
             raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
     if trusted:
         warnings.warn(f"{path}: loading with full unpickling (trusted=True); only do this for files you trust")
+    mmap = mmap and zipfile.is_zipfile(path)  # torch's pre-1.6 (non-zip) format cannot be memory-mapped
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
-            checkpoint = torch.load(path, map_location=map_location, weights_only=not trusted)
+            checkpoint = torch.load(path, map_location=map_location, weights_only=not trusted, mmap=mmap)
     except Exception as err:  # parsing arbitrary bytes: the unpickler raises all sorts of errors
         text = str(err)
-        refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        # torch words it "Unsupported global: GLOBAL x.y" or "Trying to load unsupported GLOBAL x.y whose ..."
+        refused = re.search(r"[Uu]nsupported (?:global: )?GLOBAL (\S+)", text)
         if refused:
-            raise CheckpointError(f"{path}: safe loading refuses {refused.group(1)}; if you trust the file's "
-                                  f"source, load it with trusted=True (full unpickling can run code)") from None
+            raise CheckpointError(f"{path}: safe loading refuses {refused.group(1)} (unpickling it could run "
+                                  f"code); {TRUSTED_HINT}") from None
         unpickler = re.search(r"WeightsUnpickler error:\s*(.+)", text)
         detail = f"{type(err).__name__}: " + (unpickler.group(1).strip() if unpickler else text.split(". ")[0].strip())
         if "zip archive" in detail or "central directory" in detail or isinstance(err, EOFError):
@@ -163,6 +176,13 @@ def save_checkpoint(obj, path):
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         return None
     path = Path(path)
+    try:
+        return _save_atomically(obj, path)
+    except OSError as err:  # disk full, folder removed or read-only: one line naming the file
+        raise CheckpointError(f"cannot write {path}: {err.strerror or err}") from None
+
+
+def _save_atomically(obj, path):
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".safetensors":
         if not _is_state_dict(obj):
@@ -204,44 +224,78 @@ def _current_umask():
     return umask
 
 
-def _stored_epoch(path):
-    """The checkpoint's `epoch` (-inf without one), or None when the file is incomplete or unreadable."""
-    try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:
-        return None
-    epoch = checkpoint.get("epoch") if isinstance(checkpoint, dict) else None
-    return float(epoch) if isinstance(epoch, (int, float)) else -math.inf
+def resume_point(ckpt):
+    """(epoch to continue with, samples of it already trained) of a training checkpoint.
+
+    Ours store it in `sampler` (mid-epoch saves too); official ones only have `epoch` (the last finished
+    one). Files without an epoch rank below everything else.
+    """
+    sampler = ckpt.get("sampler")
+    if isinstance(sampler, dict) and "epoch" in sampler:
+        return int(sampler["epoch"]), int(sampler.get("position", 0))
+    epoch = ckpt.get("epoch")
+    return (int(epoch) + 1, 0) if isinstance(epoch, (int, float)) else (-math.inf, 0)
 
 
-def latest_checkpoint(output_dir, patterns=("checkpoint.pth", "checkpoint-*.pth")):
-    """The complete checkpoint in `output_dir` that resumes furthest (stored epoch, then mtime), or None.
+def scan_checkpoints(output_dir, patterns=RESUME_PATTERNS):
+    """([(resume point, mtime, path)] of the complete checkpoints, [(mtime, path, reason)] of unreadable ones).
 
-    `checkpoint-*.pth` also matches ARM's `checkpoint--1.pth` (every-epoch, epoch -1) and finetune bests
-    (`--10`, `--20`); their negative epochs rank them below real epoch checkpoints. Temp files of an
-    interrupted save and truncated files are skipped. Tensor data is memory-mapped, not read.
+    `checkpoint-*.pth` also matches ARM's rolling `checkpoint--1.pth`; the best copies (BEST_COPIES) and
+    temp files of interrupted saves are not candidates. Tensor data is memory-mapped, not read.
     """
     output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return None
-    candidates = {p for pattern in patterns for p in output_dir.glob(pattern)
-                  if p.is_file() and not p.name.startswith(".") and not p.name.endswith(".tmp")}
-    ranked = []
-    for path in candidates:
-        epoch = _stored_epoch(path)
-        if epoch is not None:
-            ranked.append((epoch, path.stat().st_mtime, path))
-    return max(ranked)[2] if ranked else None
+    found = {p for pattern in patterns for p in output_dir.glob(pattern)} if output_dir.is_dir() else set()
+    paths = {p for p in found if p.is_file() and not p.name.startswith(".") and p.name not in BEST_COPIES}
+    readable, unreadable = [], []
+    for path in sorted(paths):
+        mtime = path.stat().st_mtime
+        try:
+            readable.append((resume_point(load_checkpoint_file(path, mmap=True)), mtime, path))
+        except CheckpointError as err:
+            unreadable.append((mtime, path, str(err)))
+    return readable, unreadable
+
+
+def latest_checkpoint(output_dir, patterns=RESUME_PATTERNS):
+    """The complete checkpoint in `output_dir` that resumes furthest (resume point, then mtime), or None."""
+    readable, _ = scan_checkpoints(output_dir, patterns)
+    return max(readable)[2] if readable else None
 
 
 def resolve_resume(resume, output_dir):
-    """`--resume auto` -> the newest complete checkpoint in `output_dir` ('' when there is none yet)."""
+    """`--resume auto` -> the checkpoint in `output_dir` that resumes furthest ('' when there is none yet).
+
+    When the newest file cannot be read (a crafted, truncated or foreign file) this stops, naming it:
+    resuming anything else or starting over would silently lose or overwrite work. Unreadable files older
+    than the one chosen are named in a note.
+    """
     if resume != "auto":
         return resume
-    found = latest_checkpoint(output_dir) if output_dir else None
-    print(f"--resume auto: {'resuming from ' + str(found) if found else f'no checkpoint in {output_dir!r}, starting fresh'}")
-    return str(found) if found else ""
+    readable, unreadable = scan_checkpoints(output_dir)
+    found = max(readable) if readable else None
+    newest_bad = max(unreadable) if unreadable else None
+    if newest_bad and (found is None or newest_bad[0] >= found[1]):
+        fallback = f"resume from {found[2].name}" if found else "start over"
+        raise CheckpointError(f"--resume auto: {newest_bad[2]}; it is the newest checkpoint in {output_dir}, so "
+                              f"nothing else is used in its place: move it away to {fallback}, or pass --resume PATH")
+    for _, path, reason in unreadable:
+        print(f"note: --resume auto skips an older unreadable file: {reason}")
+    if found is None:
+        print(f"--resume auto: no checkpoint in {output_dir!r}, starting fresh")
+        return ""
+    print(f"--resume auto: resuming from {found[2]}")
+    return str(found[2])
+
+
+def remove_stale_temp_files(folder):
+    """Delete temp files that saves killed mid-write left in `folder`; returns their paths.
+
+    Only call this while holding the folder's run lock: another run's save in progress looks the same.
+    """
+    stale = [p for pattern in TEMP_PATTERNS for p in Path(folder).glob(pattern) if p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def resize_pos_embed(pos_embed, new_grid, old_grid=None, cls_position="last"):
@@ -296,21 +350,24 @@ def insert_token(pos_embed, index, value=None):
 
 
 class SavingEvery:
-    """Yields the loader's batches and calls `save(done)` each time `every` more iterations have finished.
+    """Yields the loader's batches and calls `save(position)` each time `every` more iterations have finished.
 
-    The engine asks for batch k+1 only after batch k's optimiser step and EMA update, so a save issued
-    then holds exactly k trained iterations.
+    position: samples of the epoch trained so far (per process), counting the `start` samples a mid-epoch
+    resume skipped. Iterations are counted from the epoch's start, so saves land on multiples of `every`
+    whether or not the epoch was resumed. The engine asks for batch k+1 only after batch k's optimiser step
+    and EMA update, so a save issued then holds exactly the trained iterations.
     """
 
-    def __init__(self, loader, every, save, already_done=0):
-        self.loader, self.every, self.save, self.already_done = loader, every, save, already_done
+    def __init__(self, loader, every, save, start=0, batch_size=1):
+        self.loader, self.every, self.save = loader, every, save
+        self.start, self.batch_size = start, batch_size
 
     def __len__(self):
         return len(self.loader)
 
     def __iter__(self):
-        for position, batch in enumerate(self.loader):
-            done = self.already_done + position
-            if position and done % self.every == 0:
-                self.save(done)
+        first_step = self.start // self.batch_size
+        for i, batch in enumerate(self.loader):
+            if i and (first_step + i) % self.every == 0:
+                self.save(self.start + i * self.batch_size)
             yield batch

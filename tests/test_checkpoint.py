@@ -142,7 +142,7 @@ def test_failed_save_leaves_previous_file_and_no_temp(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", save_then_fail)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError, match="cannot write .*checkpoint.pth: disk full"):
         checkpoint.save_checkpoint({"epoch": 2}, path)
     assert os.listdir(tmp_path) == ["checkpoint.pth"]
     assert checkpoint.load_checkpoint_file(path)["epoch"] == 1
@@ -240,3 +240,25 @@ def test_save_syncs_the_folder_after_the_rename(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint, "_fsync_dir", lambda folder: (synced.append(Path(folder)), real_fsync_dir(folder)))
     checkpoint.save_checkpoint({"w": torch.ones(2)}, tmp_path / "run" / "checkpoint.pth")
     assert synced == [tmp_path / "run"]
+
+
+def test_resume_auto_stops_at_an_unreadable_newest_file_and_notes_older_ones(tmp_path, capsys):
+    checkpoint.save_checkpoint({"epoch": 3, "sampler": {"epoch": 4, "position": 32}}, tmp_path / "checkpoint.pth")
+    checkpoint.save_checkpoint({"epoch": 9}, tmp_path / "checkpoint--10.pth")  # a best copy: never resumed from
+    (tmp_path / "checkpoint-0.pth").write_bytes(b"junk")
+    os.utime(tmp_path / "checkpoint-0.pth", (1, 1))
+    assert checkpoint.resolve_resume("auto", tmp_path) == str(tmp_path / "checkpoint.pth")
+    assert "skips an older unreadable file: " + str(tmp_path / "checkpoint-0.pth") in capsys.readouterr().out
+    (tmp_path / "checkpoint-5.pth").write_bytes(b"")  # newer than checkpoint.pth
+    with pytest.raises(CheckpointError, match="checkpoint-5.pth: empty file .*newest checkpoint.*move it away to "
+                                              "resume from checkpoint.pth"):
+        checkpoint.resolve_resume("auto", tmp_path)
+    assert checkpoint.latest_checkpoint(tmp_path).name == "checkpoint.pth"  # the launcher's look-up still works
+
+
+def test_stale_temp_files_are_removed(tmp_path):
+    for name in (".checkpoint.pth.abc.tmp", ".w.safetensors.x.tmp", "keep.tmp", "checkpoint.pth"):
+        (tmp_path / name).write_bytes(b"")
+    removed = checkpoint.remove_stale_temp_files(tmp_path)
+    assert sorted(p.name for p in removed) == [".checkpoint.pth.abc.tmp", ".w.safetensors.x.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pth", "keep.tmp"]
