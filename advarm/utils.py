@@ -13,13 +13,12 @@ import os
 import time
 from collections import defaultdict, deque
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from timm.utils import random_seed
 
-from advarm import checkpoint, kernels
+from advarm import kernels
 
 _builtin_print = builtins.print
 
@@ -175,6 +174,8 @@ class SmoothedValue:
         return self.deque[-1]
 
     def __str__(self):
+        if not self.deque:  # e.g. only skipped (non-finite) steps so far
+            return "-"
         return self.fmt.format(median=self.median, avg=self.avg, global_avg=self.global_avg,
                                max=self.max, value=self.value)
 
@@ -315,13 +316,11 @@ def resolve_log_dir(args, official_default="./output_dir"):
 def start_run(args):
     """The common start of a training script; returns the device.
 
-    Distributed init, the output folder, the printed arguments, the SSM backend (`--ssm-backend`), seeds
-    (seed + rank, as official), `--resume auto` resolved to a path, and TensorBoard off when it is optional
-    and absent.
+    Distributed init, the printed arguments, the SSM backend (`--ssm-backend`), seeds (seed + rank, as
+    official) and TensorBoard off when it is optional and absent. The output folder and `--resume auto`
+    are runs.run_folder's.
     """
     init_distributed_mode(args)
-    if args.output_dir:
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     print("{}".format(args).replace(", ", ",\n"))
     device = resolve_device(args)
     try:
@@ -330,7 +329,6 @@ def start_run(args):
         raise SystemExit(f"--ssm-backend {args.ssm_backend}: {err}") from None
     random_seed(args.seed, get_rank())
     torch.backends.cudnn.benchmark = True
-    args.resume = checkpoint.resolve_resume(args.resume, args.output_dir)
     resolve_log_dir(args)
     return device
 
