@@ -13,7 +13,8 @@ Data sets (`args.data_set`):
 
 Image files are read through `_CheckedLoading`: with `args.bad_images == "error"` (default) an unreadable
 file raises `BadImageError` naming it; with "skip" it is replaced by the next readable sample, warned
-about once and counted in `dataset.bad_image_count`.
+about once and counted in `dataset.bad_image_count`. `check_images` (`--check-images`) decodes every file
+once at start-up, so a bad file in a folder of a million stops the run before training, not at epoch 200.
 """
 import json
 import os
@@ -54,6 +55,10 @@ class BadImageError(DatasetError):
         super().__init__(message)
 
 
+def _describe(exc):
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
+
+
 class _CheckedLoading:
     """`__getitem__` for (path, target) sample lists that applies the `bad_images` policy.
 
@@ -61,6 +66,14 @@ class _CheckedLoading:
     them: a bad file is warned about once, later visits skip it without reopening it, and
     `bad_image_count` (distinct bad files found so far) is right in the main process too.
     """
+
+    def _read_error(self, i):
+        """Why sample i's file cannot be decoded, '' when it can (for check_images)."""
+        try:
+            self.loader(self.samples[i][0])
+        except Exception as exc:  # any decoder failure means the file is unusable
+            return _describe(exc)
+        return ""
 
     def _set_bad_image_policy(self, mode):
         if mode not in BAD_IMAGE_MODES:
@@ -84,10 +97,10 @@ class _CheckedLoading:
             try:
                 sample = self.loader(path)
             except Exception as exc:  # any decoder failure means the file is unusable
-                reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+                reason = _describe(exc)
                 if self._bad is None:
                     raise BadImageError(f"cannot read image {path} ({reason}); "
-                                        "use bad_images='skip' to skip such files") from None
+                                        "pass --bad-images skip to skip such files") from None
                 self._bad[i] = True
                 warnings.warn(f"skipping unreadable image {path} ({reason})", RuntimeWarning, stacklevel=2)
                 continue
@@ -235,6 +248,46 @@ def _build(is_train, args, transform):
     if name == "DIGITS":
         return _digits(args, is_train, transform), 10
     raise DatasetError(f"unknown data set {name!r}; choose from {', '.join(DATA_SETS)}")
+
+
+class _ReadErrors(Dataset):
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset.samples)
+
+    def __getitem__(self, i):
+        return i, self.dataset._read_error(i)
+
+
+def check_images(named, num_workers=0):
+    """Decode every file of the data sets `named` ({"training images": dataset, ...}) once, in `num_workers`
+    processes; returns how many are unreadable.
+
+    Under `bad_images="error"` any unreadable file raises BadImageError naming the first ones; under "skip"
+    they are marked, so training skips them without opening them again. Data sets without image files
+    (DIGITS, CIFAR) have nothing to check.
+    """
+    total = 0
+    for what, dataset in named.items():
+        if not isinstance(dataset, _CheckedLoading):
+            print(f"--check-images: the {what} are not image files, nothing to check")
+            continue
+        loader = torch.utils.data.DataLoader(_ReadErrors(dataset), batch_size=64, num_workers=num_workers,
+                                             collate_fn=list)
+        print(f"--check-images: decoding {len(dataset.samples)} {what} ({num_workers or 'no'} worker processes)")
+        bad = [(i, reason) for batch in loader for i, reason in batch if reason]
+        if bad and dataset._bad is None:
+            first = "; ".join(f"{dataset.samples[i][0]} ({reason})" for i, reason in bad[:3])
+            raise BadImageError(f"--check-images: {len(bad)} of {len(dataset.samples)} {what} cannot be read: "
+                                f"{first}{'; ...' if len(bad) > 3 else ''}; fix or remove them, or pass "
+                                f"--bad-images skip")
+        for i, _ in bad:
+            dataset._bad[i] = True
+        print(f"--check-images: {len(bad)} unreadable {what}" + (" (skipped during training)" if bad else ""))
+        total += len(bad)
+    return total
 
 
 def skipped_images(*data_sets):

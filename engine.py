@@ -60,7 +60,7 @@ def cosine_per_iteration(optimizer, warmup_epochs, epochs, iters_per_epoch, min_
 def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, loss_scaler=None, *,
                     amp_dtype=None, clip_grad=None, accum_iter=1, model_ema=None, mixup_fn=None,
                     bce_targets=False, lr_scheduler=None, layer_scaled_lr=False, log_writer=None,
-                    start_step=None, print_freq=10, train_mode=True, max_iters=None):
+                    start_step=None, print_freq=10, train_mode=True, max_iters=None, first_step=0, skip_nonfinite=0):
     """One pass over `data_loader`; returns the epoch averages of the meters (`loss`, `lr`).
 
     criterion: `criterion(outputs, targets)`, or None when `model(images)` returns the loss itself
@@ -71,9 +71,14 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, los
         schedulers that write unscaled lrs (timm >= 0.9 schedulers scale by themselves: leave False).
     bce_targets: threshold (soft) targets at 0 after mixup, as the official `--bce-loss` does.
     log_writer: an ExperimentLogger; gets `train/loss_step` (mean over ranks) and `train/lr` per update.
-    start_step: iterations trained before this call's first batch (default `epoch * len(data_loader)`;
-        a resumed epoch adds the iterations it skips).
-    max_iters: stop after this many iterations (tests and debugging).
+    start_step: iterations trained before this call's first batch (default `epoch * iterations per epoch +
+        first_step`; a resumed epoch adds the iterations it skips).
+    max_iters: stop after this many iterations of the epoch (tests and debugging).
+    first_step: iterations of this epoch trained before `data_loader` (a mid-epoch resume): steps are
+        numbered from it, so accumulation windows and messages continue where they stopped.
+    skip_nonfinite: a NaN/inf loss stops training (SystemExit naming epoch and step) unless this many
+        more such steps may still be skipped; a skipped step drops its accumulation window's gradients and
+        updates nothing. The count is returned as `nonfinite_skipped` (when allowed at all).
     """
     model.train(train_mode)
     metric_logger = utils.MetricLogger(delimiter="  ")
@@ -86,16 +91,18 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, los
             group["lr"] *= group.get("lr_scale", 1.0)
 
     if max_iters is not None:
-        data_loader = _FirstIterations(data_loader, max_iters)
+        data_loader = _FirstIterations(data_loader, max(max_iters - first_step, 0))
     if start_step is None:
-        start_step = epoch * len(data_loader)
+        start_step = epoch * (first_step + len(data_loader)) + first_step
     # A window cut short by the end of the epoch is discarded, like the official loops.
     optimizer.zero_grad(set_to_none=True)
     model_for_ema = _unwrap(model)
+    skipped = 0
 
-    for step, batch in enumerate(metric_logger.log_every(data_loader, print_freq, header)):
+    for step, batch in enumerate(metric_logger.log_every(data_loader, print_freq, header), start=first_step):
+        done = start_step + step - first_step  # iterations trained before this batch
         if lr_scheduler is not None and step % accum_iter == 0:
-            lr_scheduler.step_update(start_step + step)
+            lr_scheduler.step_update(done)
         samples, targets = _split_batch(batch)
         samples = samples.to(device, non_blocking=True)
         if targets is not None:
@@ -113,9 +120,17 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, los
                 outputs = model(samples)
                 loss = outputs.mean() if criterion is None else criterion(outputs, targets)
             loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise SystemExit(f"Loss is {loss_value} at epoch {epoch}, iteration {step}: stopping training "
-                                 "(lower --lr, enable --clip-grad, or use --amp bfloat16 instead of float16)")
+            if not _finite_everywhere(loss_value):
+                if skipped >= skip_nonfinite:
+                    raise SystemExit(
+                        f"error: loss is {loss_value} at epoch {epoch}, iteration {step}: stopping training; the "
+                        f"checkpoints keep the last good weights (lower the lr, clip gradients, use bfloat16 "
+                        f"instead of float16, or skip such steps with --skip-nonfinite N; then --resume auto)")
+                skipped += 1
+                print(f"warning: loss is {loss_value} at epoch {epoch}, iteration {step}: step skipped "
+                      f"(--skip-nonfinite allows {skip_nonfinite - skipped} more)")
+                optimizer.zero_grad(set_to_none=True)
+                continue
             loss = loss / accum_iter
             if loss_scaler is not None:
                 loss_scaler(loss, optimizer, clip_grad=clip_grad, parameters=model.parameters(),
@@ -141,11 +156,20 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, los
             # Every rank joins the reduce (only rank 0 has a writer; a reduce inside the `if` would hang).
             mean_loss = utils.all_reduce_mean(loss_value)
             if log_writer is not None:
-                log_writer.log_step({"train/loss_step": mean_loss, "train/lr": lr}, start_step + step + 1)
+                log_writer.log_step({"train/loss_step": mean_loss, "train/lr": lr}, done + 1)
 
     metric_logger.synchronize_between_processes()
     print("Averaged stats:", metric_logger)
-    return {name: meter.global_avg for name, meter in metric_logger.meters.items()}
+    stats = {name: meter.global_avg for name, meter in metric_logger.meters.items()}
+    if skip_nonfinite:
+        stats["nonfinite_skipped"] = skipped
+    return stats
+
+
+def _finite_everywhere(loss_value):
+    """Whether the loss is finite on every rank: all ranks must skip or stop together (DDP all-reduces)."""
+    finite = float(math.isfinite(loss_value))
+    return (utils.all_reduce_mean(finite) if utils.is_dist_avail_and_initialized() else finite) == 1.0
 
 
 @torch.no_grad()

@@ -157,8 +157,22 @@ def test_mixup_and_bce_targets_reach_the_criterion():
 def test_non_finite_loss_stops_with_a_clear_message():
     model = _linear()
     bad = TensorDataset(torch.full((4, 4), float("nan")), torch.zeros(4, dtype=torch.long))
-    with pytest.raises(SystemExit, match="Loss is nan"):
-        _train(model, DataLoader(bad, batch_size=4))
+    with pytest.raises(SystemExit, match="loss is nan at epoch 0, iteration 3: stopping .*--skip-nonfinite N"):
+        _train(model, DataLoader(bad, batch_size=4), first_step=3)
+
+
+def test_skip_nonfinite_skips_and_counts_within_its_budget():
+    data = _data(12)
+    data.tensors[0][4:8] = float("nan")  # the second of three batches
+    model = _linear()
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer, stats = _train(model, DataLoader(data, batch_size=4), skip_nonfinite=1)
+    assert stats["nonfinite_skipped"] == 1 and math.isfinite(stats["loss"])
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the other two steps ran
+    data.tensors[0][8:] = float("nan")
+    with pytest.raises(SystemExit, match="iteration 2"):  # the second non-finite step is over the budget
+        _train(_linear(), DataLoader(data, batch_size=4), skip_nonfinite=1)
 
 
 def test_evaluate_reports_exact_top1_top5_and_loss():

@@ -75,3 +75,47 @@ def test_defaults_to_single_process_without_process_group():
 def test_rejects_rank_outside_world():
     with pytest.raises(ValueError, match="rank 2"):
         RASampler(range(512), num_replicas=2, rank=2)
+
+
+def test_resumable_sampler_starts_an_epoch_anywhere_with_the_same_sample_seeds():
+    from samplers import EpochSeededRandomSampler, ResumableSampler
+
+    sampler = ResumableSampler(EpochSeededRandomSampler(range(20), seed=3), seed=3, rank=0)
+    sampler.set_epoch(2)
+    whole = list(sampler)
+    sampler.start_at(8)
+    assert len(sampler) == 12 and list(sampler) == whole[8:]
+    sampler.set_epoch(3)  # a new epoch starts at 0 again, with other seeds
+    assert len(sampler) == 20 and [s for _, s in sampler] != [s for _, s in whole]
+    other_rank = ResumableSampler(EpochSeededRandomSampler(range(20), seed=3), seed=3, rank=1)
+    other_rank.set_epoch(2)
+    assert [i for i, _ in other_rank] == [i for i, _ in whole] and list(other_rank) != whole
+
+
+def test_seeded_samples_repeat_per_seed_and_leave_the_callers_random_streams_alone():
+    import random
+
+    import numpy as np
+
+    from samplers import SeededSamples
+
+    class Noisy(torch.utils.data.Dataset):
+        bad_image_count = 7
+
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, index):
+            return index, random.random(), float(np.random.rand()), float(torch.rand(()))
+
+    data = SeededSamples(Noisy())
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    first, other, again = data[(1, 11)], data[(1, 12)], data[(1, 11)]
+    assert first == again and first[1:] != other[1:]
+    # the caller's streams continue as if no sample had been read
+    assert random.random() == random.Random(0).random()
+    assert np.random.rand() == np.random.RandomState(0).rand()
+    assert torch.equal(torch.rand(()), torch.rand((), generator=torch.Generator().manual_seed(0)))
+    assert data.bad_image_count == 7 and len(data) == 4  # attributes of the wrapped data set show through
