@@ -19,8 +19,8 @@ Every official flag keeps its name and default. Departures from the official scr
 * `--eval-crop-ratio` defaults to `auto`: the crop of the released checkpoint the run names (1.0 for the
   384/448 and patch-8 files, which the official default 0.875 evaluated wrongly), else 0.875; an explicit
   value is used as given;
-* `--resume auto` picks the newest complete checkpoint in `--output_dir`; `--save-every-iters N` also saves
-  inside an epoch so a killed job loses at most N iterations.
+* `--resume auto`, `--save-every-iters N` (a killed job loses at most N iterations), one run per
+  `--output_dir` and bit-exact resumes (sampler position and RNG states in the checkpoint): advarm.runs;
 * wandb, mlflow and TensorBoard (advarm.loggers flags) continue the same run after a resume, with run ids
   kept in the checkpoint, on one step axis (iterations trained), with per-step train loss/lr as well.
 """
@@ -45,7 +45,7 @@ import datasets
 import inference
 import models_adventurer  # noqa: F401  (registers adventurer_* models in timm)
 import samplers
-from advarm import checkpoint, kernels, loggers, utils
+from advarm import checkpoint, cli, kernels, loggers, runs, utils
 from augment import new_data_aug_generator
 from engine import evaluate, train_one_epoch
 
@@ -54,6 +54,9 @@ from engine import evaluate, train_one_epoch
 FINETUNE_DROPPABLE = ("head.weight", "head.bias", "head_dist.weight", "head_dist.bias", "cls_token",
                       "pos_embed_cls", "register", "neck.weight", "norm_neck.weight")
 LR_REFERENCE_BATCH = 512
+# Flags a timm scheduler's state holds: when one differs on resume, the schedule follows the new value.
+SCHEDULE_FLAGS = {"sched", "epochs", "lr", "warmup_lr", "min_lr", "warmup_epochs", "decay_epochs", "cooldown_epochs",
+                  "patience_epochs", "decay_rate", "lr_noise", "lr_noise_pct", "lr_noise_std"}
 
 
 def crop_ratio(text):
@@ -179,8 +182,6 @@ def get_args_parser():
     parser.add_argument("--seed", default=0, type=int)
     parser.add_argument("--resume", default="", help="checkpoint path or https URL; 'auto': newest in --output_dir")
     parser.add_argument("--start_epoch", default=0, type=int, metavar="N")
-    parser.add_argument("--save-every-iters", default=0, type=int, metavar="N",
-                        help="also save checkpoint.pth every N iterations inside an epoch (0: off)")
     parser.add_argument("--eval", action="store_true", help="evaluate only")
     parser.add_argument("--eval-crop-ratio", default="auto", type=crop_ratio,
                         help="eval resize = input size / ratio; auto (default): the crop of the released checkpoint "
@@ -205,7 +206,7 @@ def get_args_parser():
                         help="autocast dtype; float16 adds a GradScaler; none or '' disables autocast")
     parser.add_argument("--log-every", default=10, type=int, metavar="N", help="progress line every N iterations")
     loggers.add_logger_args(parser)
-    return parser
+    return runs.add_run_flags(parser)
 
 
 def parse_model_kwargs(model_kwargs):
@@ -227,27 +228,25 @@ def check_args(args):
     if args.bce_loss and args.smoothing > 0:
         raise SystemExit("--bce-loss thresholds targets at 0 (official), which turns smoothed targets into all "
                          "ones; pass --smoothing 0.0 with --bce-loss")
-    if args.accum_iter < 1:
-        raise SystemExit(f"--accum_iter must be >= 1, got {args.accum_iter}")
     if args.sched_timing != "official" and args.sched == "plateau":
         raise SystemExit("--sched plateau needs the validation metric, so it only runs with --sched-timing official")
-    if args.save_every_iters < 0:
-        raise SystemExit(f"--save-every-iters must be >= 0 (0 = only at epoch ends), got {args.save_every_iters}")
-    if args.save_every_iters and args.save_every_iters % args.accum_iter:
-        raise SystemExit("--save-every-iters must be a multiple of --accum_iter (saves happen after optimiser steps)")
-    if args.resume == "auto" and not args.output_dir:
-        raise SystemExit("--resume auto looks for checkpoints in --output_dir; set --output_dir")
+    cli.check_ranges(args, positive=["--epochs", "--batch-size", "--accum_iter", "--input-size"],
+                     non_negative=["--lr", "--warmup-lr", "--min-lr", "--warmup-epochs", "--save-every-iters",
+                                   "--skip-nonfinite", "--num_workers"])
+    cli.check_multiple(args, "--save-every-iters", "--accum_iter")  # saves happen after optimiser steps
 
 
 def build_model(args):
     inference.check_model_name(args.model)
     print(f"Creating model: {args.model}")
     try:
-        return create_model(args.model, pretrained=False, num_classes=args.nb_classes, drop_rate=args.drop,
-                            drop_path_rate=args.drop_path, drop_block_rate=None, img_size=args.input_size,
-                            flip_rule=args.flip_rule, **parse_model_kwargs(args.model_kwargs))
+        model = create_model(args.model, pretrained=False, num_classes=args.nb_classes, drop_rate=args.drop,
+                             drop_path_rate=args.drop_path, drop_block_rate=None, img_size=args.input_size,
+                             flip_rule=args.flip_rule, **parse_model_kwargs(args.model_kwargs))
     except (TypeError, ValueError) as err:  # a misspelt --model-kwargs key or an impossible geometry
         raise SystemExit(f"cannot build {args.model}: {err}") from None
+    cli.check_patch_grid(args.input_size, model.patch_embed.patch_size, "--input-size")
+    return model
 
 
 def _grid(model):
@@ -277,6 +276,10 @@ def load_finetune_weights(model, args):
                                                               cls_position=cls_position)
         print(f"Resized pos_embed {old} -> {tuple(state_dict['pos_embed'].shape)} (cls_position={cls_position})")
     missing, unexpected = checkpoint.load_state_dict_strict(model, state_dict, strict=False, source=source)
+    lost = [k for k in missing if k not in FINETUNE_DROPPABLE]  # official: trained them from random weights
+    if lost:
+        raise checkpoint.CheckpointError(f"{source}: not a checkpoint of this architecture; {len(lost)} of the "
+                                         f"model's tensors are missing from it (e.g. {', '.join(lost[:3])})")
     print(f"Finetuning from {source}: loaded {len(state_dict) - len(unexpected)} tensors"
           + (f"; kept at initialisation: {', '.join(missing)}" if missing else "")
           + (f"; ignored from the checkpoint: {', '.join(unexpected)}" if unexpected else ""))
@@ -301,6 +304,8 @@ def build_data(args, device):
         return None, None, dataset_val, loader_val
 
     dataset_train, _ = datasets.build_dataset(is_train=True, args=args)
+    if args.check_images:
+        datasets.check_images({"training images": dataset_train, "validation images": dataset_val}, args.num_workers)
     if args.ThreeAugment:
         dataset_train.transform = new_data_aug_generator(args)
     if distributed and args.repeated_aug:
@@ -313,12 +318,14 @@ def build_data(args, device):
     if len(sampler_train) < args.batch_size:
         raise SystemExit(f"{len(sampler_train)} training samples per process is less than one batch of "
                          f"{args.batch_size} (batches are full, drop_last); lower --batch-size")
-    return sampler_train, dataset_train, dataset_val, loader_val
+    return samplers.ResumableSampler(sampler_train, args.seed, rank), dataset_train, dataset_val, loader_val
 
 
 def train_loader(args, dataset_train, sampler):
-    return torch.utils.data.DataLoader(dataset_train, sampler=sampler, batch_size=args.batch_size,
-                                       num_workers=args.num_workers, pin_memory=args.pin_mem, drop_last=True)
+    """This epoch's loader: each sample's augmentation seeded by its position (samplers.ResumableSampler)."""
+    return torch.utils.data.DataLoader(samplers.SeededSamples(dataset_train), sampler=sampler,
+                                       batch_size=args.batch_size, num_workers=args.num_workers,
+                                       pin_memory=args.pin_mem, drop_last=True, generator=sampler.loader_generator())
 
 
 def build_criterion(args, mixup_active):
@@ -382,14 +389,11 @@ def training_state(model, optimizer, lr_scheduler, epoch, model_ema, loss_scaler
     }
 
 
-def resume_training(args, ckpt, model, optimizer, lr_scheduler, model_ema, loss_scaler):
-    """Restore the training state; returns (start_epoch, iterations of that epoch already done)."""
-    for name, target in (("optimizer", optimizer), ("lr_scheduler", lr_scheduler)):
-        try:
-            target.load_state_dict(ckpt[name])
-        except (ValueError, KeyError) as err:
-            raise checkpoint.CheckpointError(f"{args.resume}: cannot restore the {name} ({err}); resume with the "
-                                             "flags of the original run (--opt, --layer_decay, --sched)") from None
+def resume_training(args, ckpt, changed, model, optimizer, lr_scheduler, model_ema, loss_scaler):
+    """Restore the training state; returns (start_epoch, samples of it trained). `changed` flags apply."""
+    runs.load_optimizer_state(optimizer, ckpt["optimizer"], args.resume)
+    if not SCHEDULE_FLAGS & changed.keys():
+        lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
     if model_ema is not None:
         if isinstance(ckpt.get("model_ema"), dict):
             checkpoint.load_state_dict_strict(model_ema.module, checkpoint.extract_state_dict(ckpt, "model_ema"),
@@ -398,7 +402,12 @@ def resume_training(args, ckpt, model, optimizer, lr_scheduler, model_ema, loss_
             model_ema.set(model)
     if loss_scaler is not None and isinstance(ckpt.get("scaler"), dict):
         loss_scaler.load_state_dict(ckpt["scaler"])
-    return ckpt["epoch"] + 1, int(ckpt.get("iteration", 0))
+    loggers.continue_runs(args, ckpt)
+    start_epoch, position = checkpoint.resume_point(ckpt)
+    # The lr an uninterrupted run would use for start_epoch (the official resume used one epoch later).
+    if args.sched_timing == "official" and start_epoch > 0:
+        lr_scheduler.step(start_epoch - 1)
+    return start_epoch, position
 
 
 def evaluate_models(args, loader_val, model, model_ema, device, amp_dtype):
@@ -413,9 +422,7 @@ def evaluate_models(args, loader_val, model, model_ema, device, amp_dtype):
 
 
 def run(args):
-    utils.init_distributed_mode(args)
     print(args)
-    check_args(args)
     if args.ssm_backend:
         kernels.set_backend(args.ssm_backend)
     device = utils.resolve_device(args)
@@ -436,10 +443,13 @@ def run(args):
     print("number of params:", n_parameters)
 
     amp_dtype = utils.parse_amp(args.amp)
-    resume_path = checkpoint.resolve_resume(args.resume, args.output_dir)
-    ckpt = checkpoint.load_checkpoint_container(resume_path) if resume_path else None
+    ckpt = checkpoint.load_checkpoint_container(args.resume) if args.resume else None
+    resuming = not args.eval and ckpt is not None and all(k in ckpt for k in ("optimizer", "lr_scheduler", "epoch"))
+    if not args.eval:
+        args.lr = scaled_lr(args, utils.get_world_size())
+    changed = runs.check_resumed_flags(args, ckpt, args.resume) if ckpt is not None and not args.eval else {}
     if ckpt is not None:
-        checkpoint.load_state_dict_strict(model, checkpoint.extract_state_dict(ckpt), source=resume_path)
+        checkpoint.load_state_dict_strict(model, checkpoint.extract_state_dict(ckpt), source=args.resume)
 
     if args.eval:
         logger = loggers.ExperimentLogger(args, args.output_dir)
@@ -447,7 +457,7 @@ def run(args):
         if args.eval_ema and ckpt is not None and isinstance(ckpt.get("model_ema"), dict):
             ema_model = copy.deepcopy(model)
             checkpoint.load_state_dict_strict(ema_model, checkpoint.extract_state_dict(ckpt, "model_ema"),
-                                              source=f"{resume_path} (model_ema)")
+                                              source=f"{args.resume} (model_ema)")
         stats = evaluate_models(args, loader_val, model, ema_model, device, amp_dtype)
         print(f"Accuracy of the network on the {len(dataset_val)} test images: {stats['test_acc1']:.1f}%")
         if ema_model is not None:
@@ -456,7 +466,7 @@ def run(args):
         if skipped:
             stats["bad_images_skipped"] = skipped
             print(f"{skipped} unreadable images skipped (--bad-images skip)")
-        logger.log({**stats, "eval": True, "checkpoint": resume_path}, step=0)
+        logger.log({**stats, "eval": True, "checkpoint": args.resume}, step=0)
         logger.close()
         return {"model": model, "stats": stats}
 
@@ -484,40 +494,38 @@ def run(args):
             # DDP broadcast rank 0's weights; ranks seeded seed + rank would otherwise keep different EMAs.
             model_ema.set(model_without_ddp)
 
-    args.lr = scaled_lr(args, utils.get_world_size())
     optimizer = build_optimizer(args, model_without_ddp)
     loss_scaler = NativeScaler(device=device.type) if amp_dtype == torch.float16 else None
     lr_scheduler = create_lr_scheduler(args, optimizer)
 
-    resume_iteration = 0
-    if ckpt is not None and all(k in ckpt for k in ("optimizer", "lr_scheduler", "epoch")):
-        args.start_epoch, resume_iteration = resume_training(
-            args, ckpt, model_without_ddp, optimizer, lr_scheduler, model_ema, loss_scaler)
-        loggers.continue_runs(args, ckpt)
-        # The lr an uninterrupted run would use for start_epoch (the official resume used one epoch later).
-        if args.sched_timing == "official" and args.start_epoch > 0:
-            lr_scheduler.step(args.start_epoch - 1)
-        print(f"Resumed {resume_path} at epoch {args.start_epoch}"
-              + (f", iteration {resume_iteration}" if resume_iteration else ""))
+    start_position = 0  # samples of the first epoch already trained (a mid-epoch checkpoint)
+    if resuming:
+        args.start_epoch, start_position = resume_training(
+            args, ckpt, changed, model_without_ddp, optimizer, lr_scheduler, model_ema, loss_scaler)
+        if runs.already_finished(args.start_epoch, args.epochs, args.resume):
+            return {"model": model_without_ddp, "model_ema": model_ema, "stats": {}}
+        print(f"Resumed {args.resume} at epoch {args.start_epoch}"
+              + (f", {start_position} samples in" if start_position else ""))
+        runs.restore_rng(ckpt)
     # -inf: the first evaluated epoch always writes best_checkpoint.pth, even at 0% accuracy.
-    max_accuracy = float(ckpt.get("max_accuracy", -math.inf)) if ckpt is not None and "optimizer" in ckpt else -math.inf
+    max_accuracy = float(ckpt.get("max_accuracy", -math.inf)) if resuming else -math.inf
+    nonfinite_skipped = int(ckpt.get("nonfinite_skipped", 0)) if resuming else 0
+    runs.trim_log(args.output_dir, args.start_epoch)
     del ckpt
 
     output_dir = Path(args.output_dir) if args.output_dir else None
-    iters_per_epoch = len(train_loader(args, dataset_train, sampler_train))
-    if args.max_iters_per_epoch is not None:
-        iters_per_epoch = min(iters_per_epoch, args.max_iters_per_epoch)
+    iters_per_epoch = min(len(train_loader(args, dataset_train, sampler_train)), args.max_iters_per_epoch or math.inf)
     logger = loggers.ExperimentLogger(args, args.output_dir,
-                                      start_step=args.start_epoch * iters_per_epoch + resume_iteration)
+                                      start_step=args.start_epoch * iters_per_epoch + start_position // args.batch_size)
 
-    def save(name, epoch, iteration=None):
+    def save(name, next_epoch, position=0):
         if output_dir is None:
             return
-        state = training_state(model_without_ddp, optimizer, lr_scheduler, epoch, model_ema, loss_scaler, args)
-        state["max_accuracy"] = max_accuracy  # extra entry: the best-checkpoint bar survives a resume
-        if iteration is not None:
-            state["iteration"] = iteration  # iterations of epoch `epoch + 1` already trained
-        checkpoint.save_checkpoint(state, output_dir / name)
+        state = training_state(model_without_ddp, optimizer, lr_scheduler, next_epoch - 1, model_ema, loss_scaler,
+                               args)  # + extras: the best-checkpoint bar and the --skip-nonfinite count
+        state.update(max_accuracy=max_accuracy, nonfinite_skipped=nonfinite_skipped)
+        runs.save_training_state(output_dir / name, state, next_epoch, position,
+                                 {"model": model_without_ddp, "model_ema": model_ema})
 
     print(f"Start training for {args.epochs} epochs.")
     start_time = time.time()
@@ -526,28 +534,28 @@ def run(args):
     for epoch in range(args.start_epoch, args.epochs):
         sampler_train.set_epoch(epoch)
         step_lr_scheduler(args, lr_scheduler, epoch, "start")
-        skip = resume_iteration if epoch == args.start_epoch else 0
-        sampler = samplers.SkipFirst(sampler_train, skip * args.batch_size) if skip else sampler_train
-        loader = train_loader(args, dataset_train, sampler)
+        start = start_position if epoch == args.start_epoch else 0
+        sampler_train.start_at(start)
+        first_step = start // args.batch_size
+        loader = train_loader(args, dataset_train, sampler_train)
         if args.save_every_iters and output_dir is not None:
-            loader = checkpoint.SavingEvery(loader, args.save_every_iters,
-                                 lambda done, epoch=epoch: save("checkpoint.pth", epoch - 1, done), skip)
-        max_iters = None if args.max_iters_per_epoch is None else max(args.max_iters_per_epoch - skip, 0)
+            loader = checkpoint.SavingEvery(loader, args.save_every_iters, lambda position, epoch=epoch: save(
+                "checkpoint.pth", epoch, position), start, args.batch_size)
 
         train_stats = train_one_epoch(
             model, criterion, loader, optimizer, device, epoch, loss_scaler, amp_dtype=amp_dtype,
             clip_grad=args.clip_grad, accum_iter=args.accum_iter, model_ema=model_ema, mixup_fn=mixup_fn,
-            log_writer=logger, start_step=epoch * iters_per_epoch + skip, print_freq=args.log_every,
-            train_mode=args.train_mode, max_iters=max_iters)
+            log_writer=logger, start_step=epoch * iters_per_epoch + first_step, print_freq=args.log_every,
+            train_mode=args.train_mode, max_iters=args.max_iters_per_epoch, first_step=first_step,
+            skip_nonfinite=args.skip_nonfinite - nonfinite_skipped)
+        nonfinite_skipped += train_stats.pop("nonfinite_skipped", 0)
 
         test_stats = evaluate_models(args, loader_val, model, model_ema if args.eval_ema else None,
                                      device, amp_dtype)
         step_lr_scheduler(args, lr_scheduler, epoch, "end", metric=test_stats["test_acc1"])
-        save("checkpoint.pth", epoch)
         print(f"Accuracy of the network on the {len(dataset_val)} test images: {test_stats['test_acc1']:.1f}%")
-        if test_stats["test_acc1"] > max_accuracy:
-            max_accuracy = test_stats["test_acc1"]
-            save("best_checkpoint.pth", epoch)
+        improved = test_stats["test_acc1"] > max_accuracy
+        max_accuracy = max(max_accuracy, test_stats["test_acc1"])
         print(f"Max accuracy: {max_accuracy:.2f}%")
         if "ema_test_acc1" in test_stats:
             ema_max_accuracy = max(ema_max_accuracy, test_stats["ema_test_acc1"])
@@ -555,11 +563,17 @@ def run(args):
 
         log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, **test_stats,
                      "epoch": epoch, "n_parameters": n_parameters}
+        if args.skip_nonfinite:
+            log_stats["train_nonfinite_skipped"] = nonfinite_skipped
         skipped = datasets.skipped_images(dataset_train, dataset_val)
         if skipped:
             log_stats["bad_images_skipped"] = skipped
             print(f"{skipped} unreadable images skipped so far (--bad-images skip)")
+        # checkpoint.pth, which marks the epoch done, comes last: a kill before it redoes (and re-logs) the epoch.
         logger.log(log_stats, step=(epoch + 1) * iters_per_epoch)
+        if improved:
+            save("best_checkpoint.pth", epoch + 1)
+        save("checkpoint.pth", epoch + 1)
 
     logger.close(checkpoint=output_dir / "best_checkpoint.pth" if output_dir else None)
     total_time = time.time() - start_time
@@ -570,7 +584,10 @@ def run(args):
 def main(args):
     """Train or evaluate; data and checkpoint problems end the run with one line instead of a traceback."""
     try:
-        return run(args)
+        utils.init_distributed_mode(args)
+        check_args(args)
+        with runs.run_folder(args):
+            return run(args)
     except (datasets.DatasetError, checkpoint.CheckpointError, kernels.BackendUnavailableError) as err:
         raise SystemExit(f"error: {err}") from None
     finally:
@@ -580,7 +597,4 @@ def main(args):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser("Adventurer training and evaluation script", parents=[get_args_parser()])
-    args = parser.parse_args()
-    if args.output_dir:
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    main(args)
+    main(cli.one_line_errors(parser).parse_args())

@@ -6,7 +6,9 @@ continues instead of restarting at epoch 0; `--official-epoch-fields` restores -
 honoured, `--resume auto`, `--model-kwargs` for small configurations, `--data-set` for small local data,
 `--amp` (official: bf16 autocast, fixed) and the opt-in `--wd-skip-ssm`. Nothing is saved when
 `--output_dir` is empty (official: `checkpoint--1.pth` landed in the current directory). The tracker flags
-are main.py's (advarm.loggers): a resume continues the same wandb/mlflow/TensorBoard run.
+are main.py's (advarm.loggers): a resume continues the same wandb/mlflow/TensorBoard run. The run-safety
+flags of advarm.runs (`--save-every-iters`, `--overwrite`, `--skip-nonfinite`, `--check-images`) and its
+one-run-per-folder lock apply; a resumed run continues bit for bit.
 """
 import argparse
 import datetime
@@ -22,7 +24,8 @@ from timm.utils import NativeScaler, ParseKwargs
 import datasets
 import engine
 import models_arm
-from advarm import checkpoint, loggers, utils
+import samplers
+from advarm import checkpoint, cli, loggers, runs, utils
 
 
 def get_args_parser():
@@ -88,7 +91,16 @@ def get_args_parser():
     parser.add_argument("--dist_on_itp", action="store_true", help="OpenMPI environment variables")
     parser.add_argument("--dist_url", default="env://")
     loggers.add_logger_args(parser, log_dir_default="./output_dir")
-    return parser
+    return runs.add_run_flags(parser)
+
+
+def check_args(args):
+    if args.model not in models_arm.MODEL_CONFIGS:  # before any data is read
+        raise SystemExit(f"--model {args.model}: not an ARM model; valid names: {', '.join(models_arm.MODEL_CONFIGS)}")
+    cli.check_ranges(args, positive=["--epochs", "--batch_size", "--accum_iter", "--input_size", "--save-every"],
+                     non_negative=["--lr", "--blr", "--min_lr", "--warmup_epochs", "--save-every-iters",
+                                   "--skip-nonfinite", "--num_workers"])
+    cli.check_multiple(args, "--save-every-iters", "--accum_iter")
 
 
 def build_model(args):
@@ -107,49 +119,65 @@ def weight_decay_groups(model, args):
     return param_groups_weight_decay(model, weight_decay=args.weight_decay, no_weight_decay_list=skip)
 
 
-def save(args, name, epoch, model, optimizer, loss_scaler, stored_epoch=None):
+def save(args, name, next_epoch, position, model, optimizer, loss_scaler, nonfinite_skipped, stored_epoch=None):
+    """Official entries (epoch = the last finished one, or `stored_epoch`) plus the run-state extras."""
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
-        "epoch": epoch if stored_epoch is None else stored_epoch,
+        "epoch": next_epoch - 1 if stored_epoch is None else stored_epoch,
         "scaler": loss_scaler.state_dict(),
         "args": args,
+        "nonfinite_skipped": nonfinite_skipped,
     }
-    checkpoint.save_checkpoint(state, Path(args.output_dir) / name)
+    runs.save_training_state(Path(args.output_dir) / name, state, next_epoch, position, {"model": model})
 
 
 def load_resume(args, model, optimizer, loss_scaler):
-    """Strict model load; optimizer, scaler and start epoch follow (official load_model)."""
+    """Strict model load; optimizer, scaler and start epoch follow (official load_model).
+
+    Returns the checkpoint when it resumes training (it has an optimizer and an epoch), else None.
+    """
     ckpt = checkpoint.load_checkpoint_file(args.resume)
+    resuming = "optimizer" in ckpt and "epoch" in ckpt
+    if resuming:
+        runs.check_resumed_flags(args, ckpt, args.resume)
     checkpoint.load_state_dict_strict(model, checkpoint.extract_state_dict(ckpt, key="model"), source=args.resume)
     print(f"Resume checkpoint {args.resume}")
-    if "optimizer" in ckpt and "epoch" in ckpt:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt["epoch"] < 0:
-            print(f"note: {args.resume} stores epoch {ckpt['epoch']} (official rolling file), "
-                  f"continuing at --start_epoch {args.start_epoch}")
-        else:
-            args.start_epoch = ckpt["epoch"] + 1
-        if "scaler" in ckpt:
-            loss_scaler.load_state_dict(ckpt["scaler"])
-        loggers.continue_runs(args, ckpt)
-        print("With optim & sched!")
+    if not resuming:
+        return None
+    runs.load_optimizer_state(optimizer, ckpt["optimizer"], args.resume)
+    if "sampler" in ckpt or ckpt["epoch"] >= 0:
+        args.start_epoch = checkpoint.resume_point(ckpt)[0]
+    else:
+        print(f"note: {args.resume} stores epoch {ckpt['epoch']} (official rolling file), "
+              f"continuing at --start_epoch {args.start_epoch}")
+    if "scaler" in ckpt:
+        loss_scaler.load_state_dict(ckpt["scaler"])
+    loggers.continue_runs(args, ckpt)
+    print("With optim & sched!")
+    return ckpt
 
 
 def main(args):
-    if args.model not in models_arm.MODEL_CONFIGS:  # before any data is read
-        raise SystemExit(f"--model {args.model}: not an ARM model; valid names: {', '.join(models_arm.MODEL_CONFIGS)}")
+    check_args(args)
     device = utils.start_run(args)
+    with runs.run_folder(args):
+        return train(args, device)
 
+
+def train(args, device):
     dataset_train = datasets.build_pretrain_dataset(args)
     print(dataset_train)
+    if args.check_images:
+        datasets.check_images({"training images": dataset_train}, args.num_workers)
     # Official: always a DistributedSampler (also with one process), shuffled, the last partial batch dropped.
-    sampler_train = torch.utils.data.DistributedSampler(
-        dataset_train, num_replicas=utils.get_world_size(), rank=utils.get_rank(), shuffle=True)
+    sampler_train = samplers.ResumableSampler(torch.utils.data.DistributedSampler(
+        dataset_train, num_replicas=utils.get_world_size(), rank=utils.get_rank(), shuffle=True),
+        seed=args.seed, rank=utils.get_rank())
     data_loader_train = torch.utils.data.DataLoader(
-        dataset_train, sampler=sampler_train, batch_size=args.batch_size, num_workers=args.num_workers,
-        pin_memory=args.pin_mem and device.type == "cuda", drop_last=True,
-        persistent_workers=args.num_workers > 0)
+        samplers.SeededSamples(dataset_train), sampler=sampler_train, batch_size=args.batch_size,
+        num_workers=args.num_workers, pin_memory=args.pin_mem and device.type == "cuda", drop_last=True,
+        persistent_workers=args.num_workers > 0, generator=sampler_train.loader_generator())
     if len(data_loader_train) == 0:
         raise SystemExit(f"--batch_size {args.batch_size} is larger than the {len(sampler_train)} training "
                          f"samples per process; no full batch to train on")
@@ -178,27 +206,52 @@ def main(args):
     iters_per_epoch = min(len(data_loader_train), args.max_iters_per_epoch or len(data_loader_train))
     lr_scheduler = engine.cosine_per_iteration(optimizer, args.warmup_epochs, args.epochs, iters_per_epoch,
                                                min_lr=args.min_lr)
-    if args.resume:
-        load_resume(args, model_without_ddp, optimizer, loss_scaler)
+    ckpt = load_resume(args, model_without_ddp, optimizer, loss_scaler) if args.resume else None
+    start_position = checkpoint.resume_point(ckpt)[1] if ckpt is not None else 0
+    nonfinite_skipped = int(ckpt.get("nonfinite_skipped", 0)) if ckpt is not None else 0
+    if ckpt is not None and runs.already_finished(args.start_epoch, args.epochs, args.resume):
+        return
+    if ckpt is not None:
+        runs.restore_rng(ckpt)
+    runs.trim_log(args.output_dir, args.start_epoch)
+    del ckpt
 
-    logger = loggers.ExperimentLogger(args, args.output_dir, start_step=args.start_epoch * iters_per_epoch)
+    def save_rolling(next_epoch, position=0):
+        save(args, "checkpoint--1.pth", next_epoch, position, model_without_ddp, optimizer, loss_scaler,
+             nonfinite_skipped, stored_epoch=-1 if args.official_epoch_fields else None)
+
+    logger = loggers.ExperimentLogger(args, args.output_dir,
+                                      start_step=args.start_epoch * iters_per_epoch + start_position // args.batch_size)
     print(f"Start training for {args.epochs} epochs")
     start_time = time.time()
     for epoch in range(args.start_epoch, args.epochs):
         sampler_train.set_epoch(epoch)
+        start = start_position if epoch == args.start_epoch else 0
+        sampler_train.start_at(start)
+        loader = data_loader_train
+        if args.save_every_iters and args.output_dir:
+            loader = checkpoint.SavingEvery(loader, args.save_every_iters, lambda position, epoch=epoch:
+                                            save_rolling(epoch, position), start, args.batch_size)
         train_stats = engine.train_one_epoch(
-            model, None, data_loader_train, optimizer, device, epoch, loss_scaler,
+            model, None, loader, optimizer, device, epoch, loss_scaler,
             amp_dtype=amp_dtype, clip_grad=args.clip_grad, accum_iter=args.accum_iter,
-            lr_scheduler=lr_scheduler, log_writer=logger, print_freq=100, max_iters=args.max_iters_per_epoch)
-        if args.output_dir:
-            if epoch % args.save_every == 0 or epoch + 1 == args.epochs:
-                save(args, f"checkpoint-{epoch}.pth", epoch, model_without_ddp, optimizer, loss_scaler)
-            save(args, "checkpoint--1.pth", epoch, model_without_ddp, optimizer, loss_scaler,
-                 stored_epoch=-1 if args.official_epoch_fields else None)
+            lr_scheduler=lr_scheduler, log_writer=logger, print_freq=100, max_iters=args.max_iters_per_epoch,
+            start_step=epoch * iters_per_epoch + start // args.batch_size, first_step=start // args.batch_size,
+            skip_nonfinite=args.skip_nonfinite - nonfinite_skipped)
+        nonfinite_skipped += train_stats.pop("nonfinite_skipped", 0)
         log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
+        if args.skip_nonfinite:
+            log_stats["train_nonfinite_skipped"] = nonfinite_skipped
         if datasets.skipped_images(dataset_train):
             log_stats["bad_images_skipped"] = datasets.skipped_images(dataset_train)
+        # The row comes first: a kill before the epoch's checkpoints are written makes the resume redo
+        # (and re-log) the epoch. The rolling file comes last.
         logger.log(log_stats, step=(epoch + 1) * iters_per_epoch)
+        if args.output_dir:
+            if epoch % args.save_every == 0 or epoch + 1 == args.epochs:
+                save(args, f"checkpoint-{epoch}.pth", epoch + 1, 0, model_without_ddp, optimizer, loss_scaler,
+                     nonfinite_skipped)
+            save_rolling(epoch + 1)
 
     if args.distributed:
         utils.parameter_checksum_in_sync(model_without_ddp, device)
@@ -207,7 +260,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    args = get_args_parser().parse_args()
+    args = cli.one_line_errors(get_args_parser()).parse_args()
     try:
         main(args)
     except (checkpoint.CheckpointError, datasets.DatasetError) as err:

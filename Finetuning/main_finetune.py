@@ -9,7 +9,9 @@ checkpoint without accuracy fields starts from 0; an unknown `--model` lists the
 `--finetune` also accepts an already finetuned checkpoint (position table resized, no second zero
 token); the EMA starts from DDP's broadcast weights on every rank; the distributed validation sampler
 does not shuffle. The tracker flags are main.py's (advarm.loggers): a resume continues the same
-wandb/mlflow/TensorBoard run.
+wandb/mlflow/TensorBoard run. The run-safety flags of advarm.runs (`--save-every-iters`, `--overwrite`,
+`--skip-nonfinite`, `--check-images`) and its one-run-per-folder lock apply; a resumed run continues bit for
+bit.
 """
 import argparse
 import datetime
@@ -31,7 +33,8 @@ from timm.utils import ModelEmaV3, NativeScaler, ParseKwargs  # noqa: E402
 import datasets  # noqa: E402
 import engine  # noqa: E402
 import models_arm  # noqa: E402
-from advarm import checkpoint, loggers, utils  # noqa: E402
+import samplers  # noqa: E402
+from advarm import checkpoint, cli, loggers, runs, utils  # noqa: E402
 
 TRUE_WORDS = {"true", "1", "yes", "y", "on", "t", "avg", "mean"}
 FALSE_WORDS = {"false", "0", "no", "n", "off", "f", "", "token", "cls"}
@@ -140,7 +143,17 @@ def get_args_parser():
     parser.add_argument("--dist_on_itp", action="store_true", help="OpenMPI environment variables")
     parser.add_argument("--dist_url", default="env://")
     loggers.add_logger_args(parser, log_dir_default="./output_dir")
-    return parser
+    return runs.add_run_flags(parser)
+
+
+def check_args(args):
+    if args.model not in models_arm.MODEL_CONFIGS:  # before any data is read
+        raise SystemExit(f"--model {args.model}: not an ARM model; valid names: {', '.join(models_arm.MODEL_CONFIGS)}")
+    cli.check_ranges(args, positive=["--epochs", "--batch_size", "--accum_iter", "--input_size", "--save-every",
+                                     "--nb_classes"],
+                     non_negative=["--lr", "--blr", "--min_lr", "--warmup_epochs", "--save-every-iters",
+                                   "--skip-nonfinite", "--num_workers"])
+    cli.check_multiple(args, "--save-every-iters", "--accum_iter")
 
 
 def build_model(args):
@@ -151,9 +164,11 @@ def build_model(args):
         raise SystemExit(f"--model-kwargs img_size={overrides['img_size']} conflicts with --input_size "
                          f"{args.input_size}; the finetuning model is built at --input_size")
     try:
-        return models_arm.create_finetune_model(args.model, **{**kwargs, **overrides})
+        model = models_arm.create_finetune_model(args.model, **{**kwargs, **overrides})
     except (ValueError, TypeError) as err:
         raise SystemExit(f"--model {args.model} {overrides or ''}: {err}") from None
+    cli.check_patch_grid(args.input_size, model.patch_embed.patch_size, "--input_size")
+    return model
 
 
 def load_finetune_weights(model, path):
@@ -186,8 +201,14 @@ def load_finetune_weights(model, path):
 
 
 def load_resume(args, model, model_ema, optimizer, loss_scaler):
-    """Official load_model, with defaults for what older checkpoints lack; returns the two best accuracies."""
+    """Official load_model, with defaults for what older checkpoints lack.
+
+    Returns the checkpoint when it resumes training (it has an optimizer and an epoch), else None.
+    """
     ckpt = checkpoint.load_checkpoint_file(args.resume)
+    resuming = "optimizer" in ckpt and "epoch" in ckpt
+    if resuming:
+        runs.check_resumed_flags(args, ckpt, args.resume)
     checkpoint.load_state_dict_strict(model, checkpoint.extract_state_dict(ckpt, key="model"), source=args.resume)
     if model_ema is not None:
         if ckpt.get("model_ema") is not None:
@@ -197,18 +218,19 @@ def load_resume(args, model, model_ema, optimizer, loss_scaler):
             print(f"note: {args.resume} has no model_ema; the EMA restarts from the model weights")
             model_ema.set(model)
     print(f"Resume checkpoint {args.resume}")
-    if optimizer is not None and "optimizer" in ckpt and "epoch" in ckpt:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt["epoch"] < 0:
-            print(f"note: {args.resume} stores epoch {ckpt['epoch']} (official best file), "
-                  f"continuing at --start_epoch {args.start_epoch}")
-        else:
-            args.start_epoch = ckpt["epoch"] + 1
-        if "scaler" in ckpt:
-            loss_scaler.load_state_dict(ckpt["scaler"])
-        loggers.continue_runs(args, ckpt)
-        print("With optim & sched!")
-    return ckpt.get("max_accuracy", 0.0), ckpt.get("ema_max_accuracy", 0.0)
+    if not resuming:
+        return None
+    runs.load_optimizer_state(optimizer, ckpt["optimizer"], args.resume)
+    if "sampler" in ckpt or ckpt["epoch"] >= 0:
+        args.start_epoch = checkpoint.resume_point(ckpt)[0]
+    else:
+        print(f"note: {args.resume} stores epoch {ckpt['epoch']} (official best file), "
+              f"continuing at --start_epoch {args.start_epoch}")
+    if "scaler" in ckpt:
+        loss_scaler.load_state_dict(ckpt["scaler"])
+    loggers.continue_runs(args, ckpt)
+    print("With optim & sched!")
+    return ckpt
 
 
 def build_data(args, device):
@@ -217,9 +239,11 @@ def build_data(args, device):
     if args.data_set != "IMNET" and nb_train != args.nb_classes:
         print(f"note: --nb_classes {args.nb_classes} replaced by the {nb_train} classes of the {args.data_set} data")
         args.nb_classes = nb_train
+    if args.check_images:
+        datasets.check_images({"training images": dataset_train, "validation images": dataset_val}, args.num_workers)
     num_tasks, global_rank = utils.get_world_size(), utils.get_rank()
-    sampler_train = torch.utils.data.DistributedSampler(dataset_train, num_replicas=num_tasks, rank=global_rank,
-                                                        shuffle=True)
+    sampler_train = samplers.ResumableSampler(torch.utils.data.DistributedSampler(
+        dataset_train, num_replicas=num_tasks, rank=global_rank, shuffle=True), seed=args.seed, rank=global_rank)
     if args.dist_eval:
         if len(dataset_val) % num_tasks:
             print("Warning: the validation set does not split evenly over the processes; duplicated samples "
@@ -230,7 +254,8 @@ def build_data(args, device):
         sampler_val = torch.utils.data.SequentialSampler(dataset_val)
     loader_kwargs = dict(batch_size=args.batch_size, num_workers=args.num_workers,
                          pin_memory=args.pin_mem and device.type == "cuda", persistent_workers=args.num_workers > 0)
-    data_loader_train = torch.utils.data.DataLoader(dataset_train, sampler=sampler_train, drop_last=True,
+    data_loader_train = torch.utils.data.DataLoader(samplers.SeededSamples(dataset_train), sampler=sampler_train,
+                                                    drop_last=True, generator=sampler_train.loader_generator(),
                                                     **loader_kwargs)
     data_loader_val = torch.utils.data.DataLoader(dataset_val, sampler=sampler_val, drop_last=False, **loader_kwargs)
     if not args.eval and len(data_loader_train) == 0:
@@ -250,18 +275,22 @@ def build_mixup(args):
                  label_smoothing=args.smoothing, num_classes=args.nb_classes)
 
 
-def save(args, name, epoch, model, model_ema, optimizer, loss_scaler, max_accuracy, ema_max_accuracy):
+def save(args, name, next_epoch, position, model, model_ema, optimizer, loss_scaler, max_accuracy, ema_max_accuracy,
+         nonfinite_skipped, stored_epoch=None):
+    """Official entries (epoch = the last finished one, or `stored_epoch`) plus the run-state extras."""
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
-        "epoch": epoch,
+        "epoch": next_epoch - 1 if stored_epoch is None else stored_epoch,
         "scaler": loss_scaler.state_dict(),
         "args": args,
         "model_ema": model_ema.module.state_dict() if model_ema is not None else None,
         "max_accuracy": max_accuracy,
         "ema_max_accuracy": ema_max_accuracy,
+        "nonfinite_skipped": nonfinite_skipped,
     }
-    checkpoint.save_checkpoint(state, Path(args.output_dir) / name)
+    runs.save_training_state(Path(args.output_dir) / name, state, next_epoch, position,
+                             {"model": model, "model_ema": model_ema})
 
 
 def evaluate_checkpoint(args, model, model_ema, data_loader_val, device, amp_dtype):
@@ -283,9 +312,13 @@ def evaluate_checkpoint(args, model, model_ema, data_loader_val, device, amp_dty
 
 
 def main(args):
-    if args.model not in models_arm.MODEL_CONFIGS:  # before any data is read
-        raise SystemExit(f"--model {args.model}: not an ARM model; valid names: {', '.join(models_arm.MODEL_CONFIGS)}")
+    check_args(args)
     device = utils.start_run(args)
+    with runs.run_folder(args):
+        return train(args, device)
+
+
+def train(args, device):
     amp_dtype = utils.parse_amp(args.amp)
 
     data_loader_train, data_loader_val = build_data(args, device)
@@ -338,27 +371,48 @@ def main(args):
     iters_per_epoch = min(len(data_loader_train), args.max_iters_per_epoch or len(data_loader_train))
     lr_scheduler = engine.cosine_per_iteration(optimizer, args.warmup_epochs, args.epochs, iters_per_epoch,
                                                min_lr=args.min_lr)
-    max_accuracy, ema_max_accuracy = 0.0, 0.0
-    if args.resume:
-        max_accuracy, ema_max_accuracy = load_resume(args, model_without_ddp, model_ema, optimizer, loss_scaler)
-        if max_accuracy > 0:
-            test_stats = engine.evaluate(data_loader_val, model_without_ddp, device, amp_dtype=amp_dtype)
-            print(f"Accuracy of the resumed network: {test_stats['acc1']:.1f}%")
-            if model_ema is not None:
-                ema_test_stats = engine.evaluate(data_loader_val, model_ema.module, device, amp_dtype=amp_dtype)
-                print(f"Accuracy of the resumed EMA network: {ema_test_stats['acc1']:.1f}%")
+    ckpt = load_resume(args, model_without_ddp, model_ema, optimizer, loss_scaler) if args.resume else None
+    ckpt = ckpt or {}
+    max_accuracy, ema_max_accuracy = ckpt.get("max_accuracy", 0.0), ckpt.get("ema_max_accuracy", 0.0)
+    start_position = checkpoint.resume_point(ckpt)[1] if ckpt else 0
+    nonfinite_skipped = int(ckpt.get("nonfinite_skipped", 0))
+    if ckpt and runs.already_finished(args.start_epoch, args.epochs, args.resume):
+        return {}
+    if max_accuracy > 0:
+        test_stats = engine.evaluate(data_loader_val, model_without_ddp, device, amp_dtype=amp_dtype)
+        print(f"Accuracy of the resumed network: {test_stats['acc1']:.1f}%")
+        if model_ema is not None:
+            ema_test_stats = engine.evaluate(data_loader_val, model_ema.module, device, amp_dtype=amp_dtype)
+            print(f"Accuracy of the resumed EMA network: {ema_test_stats['acc1']:.1f}%")
+    if ckpt:
+        runs.restore_rng(ckpt)  # after the evaluations above, which an uninterrupted run does not do
+    runs.trim_log(args.output_dir, args.start_epoch)
+    del ckpt
 
-    logger = loggers.ExperimentLogger(args, args.output_dir, start_step=args.start_epoch * iters_per_epoch)
+    def save_as(name, next_epoch, position=0, stored_epoch=None):
+        save(args, name, next_epoch, position, model_without_ddp, model_ema, optimizer, loss_scaler, max_accuracy,
+             ema_max_accuracy, nonfinite_skipped, stored_epoch)
+
+    logger = loggers.ExperimentLogger(args, args.output_dir,
+                                      start_step=args.start_epoch * iters_per_epoch + start_position // args.batch_size)
     print(f"Start training for {args.epochs} epochs")
     start_time = time.time()
     log_stats = {}
     for epoch in range(args.start_epoch, args.epochs):
         data_loader_train.sampler.set_epoch(epoch)
+        start = start_position if epoch == args.start_epoch else 0
+        data_loader_train.sampler.start_at(start)
+        loader = data_loader_train
+        if args.save_every_iters and args.output_dir:
+            loader = checkpoint.SavingEvery(loader, args.save_every_iters, lambda position, epoch=epoch:
+                                            save_as("checkpoint--1.pth", epoch, position), start, args.batch_size)
         train_stats = engine.train_one_epoch(
-            model, criterion, data_loader_train, optimizer, device, epoch, loss_scaler,
+            model, criterion, loader, optimizer, device, epoch, loss_scaler,
             amp_dtype=amp_dtype, clip_grad=args.clip_grad, accum_iter=args.accum_iter, model_ema=model_ema,
             mixup_fn=mixup_fn, lr_scheduler=lr_scheduler, log_writer=logger, print_freq=200,
-            max_iters=args.max_iters_per_epoch)
+            max_iters=args.max_iters_per_epoch, start_step=epoch * iters_per_epoch + start // args.batch_size,
+            first_step=start // args.batch_size, skip_nonfinite=args.skip_nonfinite - nonfinite_skipped)
+        nonfinite_skipped += train_stats.pop("nonfinite_skipped", 0)
 
         test_stats = engine.evaluate(data_loader_val, model_without_ddp, device, amp_dtype=amp_dtype)
         print(f"Accuracy of the network on the {len(data_loader_val.dataset)} test images: {test_stats['acc1']:.1f}%")
@@ -373,27 +427,29 @@ def main(args):
             ema_max_accuracy = max(ema_max_accuracy, ema_test_stats["acc1"])
             print(f"Max EMA accuracy: {ema_max_accuracy:.2f}%")
 
-        if args.output_dir:
-            # Written after the running maxima are updated, so resuming from a best file keeps them.
-            state = dict(model=model_without_ddp, model_ema=model_ema, optimizer=optimizer, loss_scaler=loss_scaler,
-                         max_accuracy=max_accuracy, ema_max_accuracy=ema_max_accuracy)
-            if raw_improved:
-                save(args, "checkpoint--10.pth", -10 if args.official_epoch_fields else epoch, **state)
-            if ema_improved:
-                save(args, "checkpoint--20.pth", -20 if args.official_epoch_fields else epoch, **state)
-            if epoch % args.save_every == 0 or epoch + 1 == args.epochs:
-                save(args, f"checkpoint-{epoch}.pth", epoch, **state)
-            # Rolling file, as pretraining writes: `--resume auto` after a kill loses at most one epoch.
-            save(args, "checkpoint--1.pth", epoch, **state)
-
         log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
                      **{f"test_{k}": v for k, v in test_stats.items()},
                      **{f"ema_test_{k}": v for k, v in ema_test_stats.items()},
                      "epoch": epoch, "n_parameters": n_parameters}
+        if args.skip_nonfinite:
+            log_stats["train_nonfinite_skipped"] = nonfinite_skipped
         skipped = datasets.skipped_images(data_loader_train.dataset, data_loader_val.dataset)
         if skipped:
             log_stats["bad_images_skipped"] = skipped
+        # The row comes first: a kill before the epoch's checkpoints are written makes the resume redo
+        # (and re-log) the epoch. The rolling file comes last.
         logger.log(log_stats, step=(epoch + 1) * iters_per_epoch)
+
+        if args.output_dir:
+            # Written after the running maxima are updated, so resuming from a best file keeps them.
+            if raw_improved:
+                save_as("checkpoint--10.pth", epoch + 1, stored_epoch=-10 if args.official_epoch_fields else None)
+            if ema_improved:
+                save_as("checkpoint--20.pth", epoch + 1, stored_epoch=-20 if args.official_epoch_fields else None)
+            if epoch % args.save_every == 0 or epoch + 1 == args.epochs:
+                save_as(f"checkpoint-{epoch}.pth", epoch + 1)
+            # Rolling file, as pretraining writes: `--resume auto` after a kill loses at most one epoch.
+            save_as("checkpoint--1.pth", epoch + 1)
 
     if args.distributed:
         utils.parameter_checksum_in_sync(model_without_ddp, device)
@@ -405,7 +461,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    args = get_args_parser().parse_args()
+    args = cli.one_line_errors(get_args_parser()).parse_args()
     try:
         main(args)
     except (checkpoint.CheckpointError, datasets.DatasetError) as err:

@@ -197,8 +197,8 @@ def test_launcher_rank_flags_and_model_kwargs():
     (["--distillation-type", "hard"], "distillation"),
     (["--resplit"], "resplit"),
     (["--bce-loss"], "--smoothing 0.0"),
-    (["--resume", "auto"], "--output_dir"),
-    (["--save-every-iters", "-1"], "--save-every-iters must be >= 0"),
+    (["--save-every-iters", "-1"], "--save-every-iters must be 0 or more, got -1"),
+    (["--save-every-iters", "3", "--accum_iter", "2"], "--save-every-iters 3 must be a multiple of --accum_iter 2"),
 ])
 def test_flags_the_official_code_ignored_are_rejected(flags, message):
     with pytest.raises(SystemExit, match=message):
@@ -392,7 +392,7 @@ def test_resume_auto_after_a_crash_mid_epoch_continues_at_the_right_epoch_and_lr
 
     def train(model, criterion, loader, *args, **kwargs):
         epoch = args[2]
-        calls.append((epoch, kwargs["max_iters"]))
+        calls.append((epoch, kwargs["first_step"]))
         if epoch == 1 and len(calls) == 2:  # first run, second epoch: die after two iterations
             return real_train(model, criterion, CrashingLoader(loader, 2), *args, **kwargs)
         return real_train(model, criterion, loader, *args, **kwargs)
@@ -401,16 +401,16 @@ def test_resume_auto_after_a_crash_mid_epoch_continues_at_the_right_epoch_and_lr
     with pytest.raises(Killed):
         run_main(folder, *schedule)
     mid = checkpoint.load_checkpoint_file(tmp_path / "checkpoint.pth")
-    assert (mid["epoch"], mid["iteration"]) == (0, 2)
+    assert (mid["epoch"], mid["sampler"]) == (0, {"epoch": 1, "position": 16})  # 2 iterations of 8 samples
 
     run_main(folder, *schedule)
-    assert calls[2:] == [(1, 1), (2, 3)]  # epoch 1 resumed after its two trained iterations
+    assert calls[2:] == [(1, 2), (2, 0)]  # epoch 1 resumed after its two trained iterations
     rows = read_log(tmp_path)
     assert [r["epoch"] for r in rows] == [0, 1, 2]
     # official timing: epoch 0 and 1 at the warmup lr, epoch 2 at t=1 of a 2-epoch warmup
     assert [r["train_lr"] for r in rows] == pytest.approx([1e-4, 1e-4, 1e-4 + (1e-3 - 1e-4) / 2])
     final = checkpoint.load_checkpoint_file(tmp_path / "checkpoint.pth")
-    assert final["epoch"] == 2 and "iteration" not in final
+    assert final["epoch"] == 2 and final["sampler"] == {"epoch": 3, "position": 0}
 
 
 def test_fp16_training_uses_a_grad_scaler_and_resumes_it(folder, tmp_path):
