@@ -8,11 +8,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ssd_chunked", "selective_scan", "SCAN_CHUNK"]
+__all__ = ["ssd_chunked", "selective_scan", "selective_scan_of", "SCAN_CHUNK"]
 
-SCAN_CHUNK = 16  # tokens per chunk of the torch selective scan: (B, D, 16, N) states per step; shorter
-# chunks mean fewer doubling steps per token (log2 16 = 4), which measured fastest on CPU (B=64, L=128)
-
+SCAN_CHUNK = 16  # tokens per chunk of the torch selective scan: the work per token does not depend on it (a
+# work-efficient scan), the working set is a few (g, b, 16, d, N) tensors that stay in cache
 
 
 def _autocast_off(device_type: str):
@@ -129,100 +128,231 @@ def ssd_chunked(x, dt, A, B, C, chunk_size=256):
         return y.reshape(batch, nchunks * chunk, nheads, headdim)[:, :seqlen]
 
 
-def _linear_scan(decay, value):
-    """All h_t = decay_t h_{t-1} + value_t (h_{-1} = 0) along dim -2, and the running products of decay.
+# ----------------------------------------------------------------------------------------------------
+# Mamba-1 selective scan
+# ----------------------------------------------------------------------------------------------------
 
-    Log-depth (Hillis-Steele) doubling over (decay, value) pairs: every decay is <= 1, so no step can
-    overflow, unlike cumsum-of-exp formulations.
+def _scan_(decay, value, edges_out, reverse=False, last_only=False):
+    """In place along dim 2 (a power-of-two length): value_t += decay_t value_{t-1} for every t, or with
+    reverse the adjoint recurrence value_t += decay_{t+1} value_{t+1}.
+
+    Blelloch's work-efficient scan on block views: the up-sweep folds the left half of every block of
+    2, 4, 8, ... steps into the block's last (reverse: first) element, the down-sweep completes the other
+    elements, so each element is updated about twice. `decay` is left unchanged; the decays across
+    blocks (`edges`, written into `edges_out`) are products of numbers <= 1, so nothing can overflow.
+    last_only stops after the up-sweep, when only the last (reverse: first) element is final.
     """
-    length, step = value.shape[-2], 1
-    value, decay = value.clone(), decay.clone()  # updated in place below: no padded copies per step
-    while step < length:  # combine each position with the one `step` earlier
-        value[..., step:, :] += decay[..., step:, :] * value[..., :-step, :]
-        decay[..., step:, :] = decay[..., step:, :] * decay[..., :-step, :]
-        step *= 2
-    return value, decay
+    length = value.shape[2]
+    edges = decay[:, :, 1:] if reverse else decay  # edges[:, :, k]: the decay across block k of `span` steps
+    levels, span, used = [], 1, 0
+    while span < length:
+        halves = value.unflatten(2, (length // (2 * span), 2, span))
+        if reverse:
+            halves[:, :, :, 0, 0].addcmul_(edges[:, :, 0::2], halves[:, :, :, 1, 0])
+        else:
+            halves[:, :, :, 1, -1].addcmul_(edges[:, :, 1::2], halves[:, :, :, 0, -1])
+        levels.append((span, edges))
+        span *= 2
+        if span < length:
+            count = length // span - reverse
+            pairs = edges[:, :, 0::2][:, :, :count], edges[:, :, 1::2][:, :, :count]
+            edges, used = torch.mul(*pairs, out=edges_out[:, :, used:used + count]), used + count
+    if last_only:
+        return value
+    for span, edges in reversed(levels[:-1]):
+        halves = value.unflatten(2, (length // (2 * span), 2, span))
+        if reverse:
+            halves[:, :, :-1, 1, 0].addcmul_(edges[:, :, 1::2], halves[:, :, 1:, 0, 0])
+        else:
+            halves[:, :, 1:, 0, -1].addcmul_(edges[:, :, 0::2][:, :, 1:], halves[:, :, :-1, 1, -1])
+    return value
 
 
-def _chunk_states(u, delta, A, B, state):
-    """Per-step decays exp(delta_t A) and states h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t of a chunk.
+def _padded_length(size):
+    return 1 << (size - 1).bit_length()
 
-    u, delta (b, g, d, l); A (g, d, n); B (b, g, n, l); state (b, g, d, n) entering the chunk.
-    Returns two (b, g, d, l, n) tensors.
+
+def _chunk(t, start, chunk_len):
+    """Tokens [start, start + chunk_len) of t (g, b, l, ...) along dim 2, zero-padded to a power of two.
+
+    Padded steps have delta = 0 (decay 1) and no input or output gradient, so they change nothing.
     """
-    decay = torch.exp(delta[..., None] * A[:, :, None])
-    value = (delta * u)[..., None] * B.transpose(-1, -2)[:, :, None]
-    states, decay_products = _linear_scan(decay, value)
-    return decay, states + decay_products * state[:, :, :, None]
+    part = t[:, :, start:start + chunk_len]
+    pad = _padded_length(part.shape[2]) - part.shape[2]
+    return F.pad(part, (0, 0) * (t.dim() - 3) + (0, pad)) if pad else part
 
 
-class _ChunkScan(torch.autograd.Function):
-    """One chunk of the selective scan, y_t = C_t . h_t, with a hand-written backward.
+def _workspace(u, A, chunk_len, names):
+    """(g, b, chunk, d, N) buffers that every chunk reuses: on CPUs a fresh multi-megabyte tensor costs
+    page faults worth as much as the arithmetic done on it."""
+    groups, batch, length, dim = u.shape
+    shape = (groups, batch, _padded_length(min(chunk_len, length)), dim, A.shape[-1])
+    return {name: u.new_empty(shape) for name in names}
 
-    Forward keeps only its inputs. Backward recomputes the states and solves the adjoint recurrence
-    g_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1} with the same scan run in reverse, so a chunk costs a
-    few (b, g, d, l, n) tensors instead of autograd's record of every doubling step.
+
+def _chunk_states(u, delta, A2, B, state, work, last_only=False):
+    """Decays exp(delta_t A) and states h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t of one chunk,
+    both (g, b, n, d, N) views of `work`, from the state (g, b, d, N) entering it. A2 = A log2(e):
+    exp2 is about three times faster than exp on CPUs, and as accurate."""
+    n = u.shape[2]
+    decay = torch.mul(delta[..., None], A2[:, None, None], out=work["decay"][:, :, :n]).exp2_()
+    states = torch.mul((delta * u)[..., None], B[..., None, :], out=work["states"][:, :, :n])
+    states[:, :, 0].addcmul_(decay[:, :, 0], state)
+    return decay, _scan_(decay, states, work["edges"], last_only=last_only)
+
+
+def _scan_forward(u, delta, A, B, C, D, z, chunk_len):
+    """y_t = (C_t . h_t + D u_t) SiLU(z_t), chunk by chunk. u, delta, z (g, b, l, d) (delta after
+    softplus); A (g, d, N); B, C (g, b, l, N); D (g, d); z may be None (no gate). All float32."""
+    groups, batch, length, dim = u.shape
+    A2, work = A * math.log2(math.e), _workspace(u, A, chunk_len, ("decay", "states", "edges"))
+    state = u.new_zeros(groups, batch, dim, A.shape[-1])
+    ys = []
+    for start in range(0, length, chunk_len):
+        size = min(chunk_len, length - start)
+        u_c, delta_c, B_c, C_c = (_chunk(t, start, chunk_len) for t in (u, delta, B, C))
+        _, states = _chunk_states(u_c, delta_c, A2, B_c, state, work)
+        ys.append((C_c[..., None, :] @ states.mT)[:, :, :size, 0])  # (1, N) @ (N, d): the fast matmul form
+        state = states[:, :, size - 1].clone()
+    y = torch.cat(ys, dim=2).addcmul_(u, D[:, None, None])
+    return y if z is None else y.mul_(F.silu(z))
+
+
+def _scan_backward(u, delta, A, B, C, D, z, dy, chunk_len):
+    """Gradients (u, delta, A, B, C, D, z) of sum(dy * _scan_forward(...)).
+
+    Nothing of the forward is kept: a first pass finds the state entering each chunk (up-sweeps only),
+    a second, from the last chunk to the first, recomputes each chunk's states and runs the adjoint
+    recurrence g_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1} backwards through it, so the working set is
+    a few (g, b, chunk, d, N) tensors whatever the length.
+    """
+    groups, batch, length, dim = u.shape
+    A2, work = A * math.log2(math.e), _workspace(u, A, chunk_len, ("decay", "states", "edges", "adjoint", "product"))
+    starts = range(0, length, chunk_len)
+    entering = [u.new_zeros(groups, batch, dim, A.shape[-1])]
+    for start in starts[:-1]:
+        u_c, delta_c, B_c = (_chunk(t, start, chunk_len) for t in (u, delta, B))
+        _, states = _chunk_states(u_c, delta_c, A2, B_c, entering[-1], work, last_only=True)
+        entering.append(states[:, :, -1].clone())
+    grads = {name: [] for name in ("u", "delta", "B", "C", "z")}
+    dA, dD = torch.zeros_like(A), torch.zeros_like(D)
+    carry = torch.zeros_like(entering[0])  # dL/dh at the end of the chunk, from the chunks after it
+    for start, state in zip(reversed(starts), reversed(entering)):
+        size = min(chunk_len, length - start)
+        u_c, delta_c, B_c, C_c, dy_c = (_chunk(t, start, chunk_len) for t in (u, delta, B, C, dy))
+        decay, states = _chunk_states(u_c, delta_c, A2, B_c, state, work)
+        if z is not None:
+            z_c = _chunk(z, start, chunk_len)
+            y_c = (C_c[..., None, :] @ states.mT)[..., 0, :] + u_c * D[:, None, None]
+            sigmoid = torch.sigmoid(z_c)
+            grads["z"].append((dy_c * y_c * sigmoid * (1 + z_c * (1 - sigmoid)))[:, :, :size])
+            dy_c = dy_c * z_c * sigmoid
+        dD += (dy_c * u_c).sum((1, 2))
+        grads["C"].append((dy_c[..., None, :] @ states)[:, :, :size, 0])
+        adjoint = torch.mul(dy_c[..., None], C_c[..., None, :], out=work["adjoint"][:, :, :decay.shape[2]])
+        adjoint[:, :, size - 1] += carry
+        _scan_(decay, adjoint, work["edges"], reverse=True)  # dL/dh_t
+        carry = decay[:, :, 0] * adjoint[:, :, 0]
+        adjoint_B = (B_c[..., None, :] @ adjoint.mT)[..., 0, :]
+        grads["u"].append((adjoint_B * delta_c + dy_c * D[:, None, None])[:, :, :size])
+        grads["B"].append(((delta_c * u_c)[..., None, :] @ adjoint)[:, :, :size, 0])
+        # dL/d(delta_t A) = g_t exp(delta_t A) h_{t-1}, built in place of the adjoint
+        log_decay_grad = adjoint.mul_(decay)
+        log_decay_grad[:, :, 1:] *= states[:, :, :-1]
+        log_decay_grad[:, :, 0] *= state
+        product = work["product"][:, :, :decay.shape[2]]
+        dA += torch.mul(log_decay_grad, delta_c[..., None], out=product).sum((1, 2))
+        ddelta = adjoint_B * u_c + torch.mul(log_decay_grad, A[:, None, None], out=product).sum(-1)
+        grads["delta"].append(ddelta[:, :, :size])
+    du, ddelta, dB, dC = (torch.cat(grads[name][::-1], dim=2) for name in ("u", "delta", "B", "C"))
+    dz = torch.cat(grads["z"][::-1], dim=2) if z is not None else None
+    return du, ddelta, dA, dB, dC, dD, dz
+
+
+class _SelectiveScan(torch.autograd.Function):
+    """y = the selective scan of the tensors `prologue(*inputs)` returns (u, delta, A, B, C, D, z).
+
+    Only `inputs` are kept for backward: it reruns the prologue with autograd on (in the forward's
+    autocast state), takes the scan's gradients from `_scan_backward` and backpropagates them through
+    the prologue. So a mixer keeps its input instead of a dozen (g, b, l, d) intermediates.
     """
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, state):
-        ctx.save_for_backward(u, delta, A, B, C, state)
-        _, states = _chunk_states(u, delta, A, B, state)
-        return torch.einsum("bgdln,bgnl->bgdl", states, C), states[..., -1, :]
+    def forward(ctx, prologue, chunk_len, *inputs):
+        ctx.prologue, ctx.chunk_len = prologue, chunk_len
+        ctx.device_type = inputs[0].device.type
+        ctx.autocast = _autocast_state(ctx.device_type)
+        ctx.save_for_backward(*inputs)
+        scan_inputs = prologue(*inputs)
+        with _autocast_off(ctx.device_type):
+            return _scan_forward(*_as_float(scan_inputs), chunk_len)
 
     @staticmethod
-    def backward(ctx, dy, dlast):
-        u, delta, A, B, C, state = ctx.saved_tensors
-        with _autocast_off(dy.device.type):
-            decay, states = _chunk_states(u, delta, A, B, state)
-            adjoint = dy[..., None] * C.transpose(-1, -2)[:, :, None]
-            adjoint[..., -1, :] += dlast
-            next_decay = F.pad(decay[..., 1:, :], (0, 0, 0, 1), value=1.0)
-            adjoint = _linear_scan(next_decay.flip(-2), adjoint.flip(-2))[0].flip(-2)  # dL/dh_t
-            previous = torch.cat([state[..., None, :], states[..., :-1, :]], dim=-2)
-            d_log_decay = adjoint * previous * decay  # dL/d(delta_t A)
-            adjoint_B = torch.einsum("bgdln,bgnl->bgdl", adjoint, B)
-            du = adjoint_B * delta
-            ddelta = adjoint_B * u + torch.einsum("bgdln,gdn->bgdl", d_log_decay, A)
-            dA = torch.einsum("bgdln,bgdl->gdn", d_log_decay, delta)
-            dB = torch.einsum("bgdln,bgdl->bgnl", adjoint, delta * u)
-            dC = torch.einsum("bgdl,bgdln->bgnl", dy, states)
-            dstate = adjoint[..., 0, :] * decay[..., 0, :]
-        return du, ddelta, dA, dB, dC, dstate
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        needs = ctx.needs_input_grad[2:]
+        inputs = [t if t is None else t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, needs)]
+        with torch.enable_grad(), _autocast_restored(ctx.device_type, ctx.autocast):
+            scan_inputs = ctx.prologue(*inputs)
+        with _autocast_off(ctx.device_type):
+            detached = [t if t is None else t.detach() for t in scan_inputs]
+            scan_grads = _scan_backward(*_as_float(detached), dy.float(), ctx.chunk_len)
+        pairs = [(t, g.to(t.dtype)) for t, g in zip(scan_inputs, scan_grads) if t is not None and t.requires_grad]
+        wanted = [t for t, need in zip(inputs, needs) if need]
+        found = iter(torch.autograd.grad([t for t, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True))
+        return (None, None) + tuple(next(found) if need else None for need in needs)
+
+
+def _autocast_state(device_type):
+    """(enabled, dtype) of autocast on device_type, None where it has no autocast (meta)."""
+    if not torch.amp.is_autocast_available(device_type):
+        return None
+    return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+
+
+def _autocast_restored(device_type, state):
+    if state is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=state[1], enabled=state[0])
+
+
+def _as_float(tensors):
+    return [None if t is None else t.float() for t in tensors]
+
+
+def selective_scan_of(prologue, *inputs, chunk_len=SCAN_CHUNK):
+    """The selective scan of prologue(*inputs) -> (u, delta, A, B, C, D, z) in the (g, b, l, .) layout
+    of `_scan_forward`, returned as float32 (g, b, l, d). Training keeps only `inputs` (see
+    `_SelectiveScan`); the prologue must be deterministic and have no side effects.
+    """
+    return _SelectiveScan.apply(prologue, chunk_len, *inputs)
+
+
+def _channels_last(u, delta, A, B, C, D, z, delta_bias):
+    """selective_scan_fn's arguments in the scan's layout: (b, g*d, l) -> (g, b, l, d), delta softplus-ed."""
+    batch, dim, length = u.shape
+    if B.dim() == 3:
+        B, C = B[:, None], C[:, None]
+    groups = B.shape[1]
+
+    def split(t):
+        return t.reshape(batch, groups, dim // groups, length).permute(1, 0, 3, 2).contiguous()
+
+    delta = delta.float() + (delta_bias.float()[:, None] if delta_bias is not None else 0)
+    D = D.view(groups, -1) if D is not None else u.new_zeros(groups, dim // groups)
+    B, C = (t.permute(1, 0, 3, 2).contiguous() for t in (B, C))
+    return (split(u), split(F.softplus(delta)), A.view(groups, dim // groups, -1), B, C, D,
+            split(z) if z is not None else None)
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, chunk_len=SCAN_CHUNK):
     """Mamba-1 selective scan with selective_scan_fn's interface and delta_softplus=True semantics.
 
     u, delta, z (b, d, l); A (d, n); B, C (b, n, l) or (b, g, n, l), group k serving channels
-    [k*d/g, (k+1)*d/g) (how the four v3 directions share one call); D, delta_bias (d,).
-    Returns y = (scan + D u) * SiLU(z) in u's dtype. The scan runs chunk by chunk (a short loop over
-    l / chunk_len chunks carrying the state, never over tokens); `_ChunkScan`'s backward recomputes
-    each chunk, so training keeps O(b d l) activations instead of O(b d l n log l).
+    [k*d/g, (k+1)*d/g); D, delta_bias (d,). Returns y = (scan + D u) * SiLU(z) in u's dtype, computed
+    in float32 chunk by chunk (a short loop over l / chunk_len chunks, never over tokens); training
+    keeps only the arguments and recomputes the rest in backward.
     """
-    dtype = u.dtype
-    with _autocast_off(u.device.type):
-        batch, dim, seqlen = u.shape
-        if B.dim() == 3:
-            B, C = B[:, None], C[:, None]
-        ngroups, dstate = B.shape[1], B.shape[2]
-        u, delta, B, C = u.float(), delta.float(), B.float(), C.float()
-        if delta_bias is not None:
-            delta = delta + delta_bias.float()[:, None]
-        delta = F.softplus(delta)
-        grouped = (batch, ngroups, dim // ngroups, seqlen)
-        A_grouped = A.float().view(ngroups, dim // ngroups, dstate)
-        u_g, delta_g = u.view(grouped), delta.view(grouped)
-        state = u.new_zeros(batch, ngroups, dim // ngroups, dstate)
-        outputs = []
-        for start in range(0, seqlen, chunk_len):
-            part = slice(start, start + chunk_len)
-            args = (u_g[..., part], delta_g[..., part], A_grouped, B[..., part], C[..., part], state)
-            y, state = _ChunkScan.apply(*args)
-            outputs.append(y)
-        y = torch.cat(outputs, dim=-1).reshape(batch, dim, seqlen)
-        if D is not None:
-            y = y + u * D.float()[:, None]
-        if z is not None:
-            y = y * F.silu(z.float())
-        return y.to(dtype)
+    batch, dim, length = u.shape
+    y = selective_scan_of(_channels_last, u, delta, A, B, C, D, z, delta_bias, chunk_len=chunk_len)
+    return y.permute(1, 0, 3, 2).reshape(batch, dim, length).to(u.dtype)

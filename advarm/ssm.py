@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from advarm.kernels import causal_conv1d_layout, kernels_for, split_conv1d_scan_accepts
-from advarm.scans import selective_scan, ssd_chunked
+from advarm.scans import selective_scan_of, ssd_chunked
 
 __all__ = ["Mamba2", "Mamba1", "GatedRMSNorm", "column_order", "V3_DIRECTIONS"]
 
@@ -151,11 +151,11 @@ def column_order(seq_len: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=32)
-def _v3_orders(seq_len: int, device: torch.device):
-    """(4, L) source positions of the four v3 scans and (4, L) positions to scatter results back."""
+def _direction_rows(seq_len: int, batch: int, device: torch.device):
+    """(4, b, L) rows of a flattened (b*L, C) sequence read by the four v3 scans, in scan order."""
     forward, columns = torch.arange(seq_len), column_order(seq_len)
     orders = torch.stack([forward, forward.flip(0), columns, columns.flip(0)])
-    return orders.to(device), orders.argsort(dim=1).to(device)
+    return (orders[:, None] + seq_len * torch.arange(batch)[:, None]).to(device)
 
 
 class Mamba1(nn.Module):
@@ -238,46 +238,67 @@ class Mamba1(nn.Module):
 
     def forward(self, hidden_states):
         """hidden_states (B, L, C) -> (B, L, C). v3 expects the cls token at L//2 and L-1 square."""
-        batch, seqlen, _ = hidden_states.shape
         xz = self.in_proj(hidden_states)  # (b, l, 2d)
-        ndir = len(self.directions)
-        if ndir > 1:
-            orders, restore = _v3_orders(seqlen, xz.device)
-            xz = xz[:, orders]  # (b, 4, l, 2d): each direction's token order
-        else:
-            xz = xz[:, None]
-        x, z = xz.chunk(2, dim=-1)
-        channels_first = (batch, ndir * self.d_inner, seqlen)  # directions stacked along channels
-        x = x.permute(0, 1, 3, 2).reshape(channels_first)
-        z = z.permute(0, 1, 3, 2).reshape(channels_first)
-        y = self._scan(x, z)  # (b, ndir*d, l), gated by z
-        y = y.view(batch, ndir, self.d_inner, seqlen).transpose(2, 3)  # (b, ndir, l, d)
-        if ndir > 1:
-            y = y[:, torch.arange(ndir, device=y.device)[:, None], restore].sum(1) / ndir
-        else:
-            y = y[:, 0]
-        return self.out_proj(y)
-
-    def _scan(self, x, z):
-        """Conv + SiLU, x_proj, dt_proj and the selective scan for all directions at once.
-
-        x, z: (b, k*d, l) with the k directions stacked along channels; returns (b, k*d, l).
-        """
-        batch, _, seqlen = x.shape
-        ndir = len(self.directions)
-        kernels = kernels_for("Mamba1", x)
-        conv_weight, conv_bias = self._stacked("conv1d.weight"), self._stacked("conv1d.bias")
-        x = _causal_conv1d_silu(x, conv_weight, conv_bias, kernels)
-        x_dirs = x.view(batch, ndir, self.d_inner, seqlen)
-        x_proj_weight = self._stacked("x_proj.weight").view(ndir, -1, self.d_inner)
-        x_dbl = torch.einsum("bkdl,ked->bkel", x_dirs, x_proj_weight)
-        dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=2)
-        dt_proj_weight = self._stacked("dt_proj.weight").view(ndir, self.d_inner, self.dt_rank)
-        delta = torch.einsum("bkrl,kdr->bkdl", dt, dt_proj_weight).reshape_as(x)
-        A = -torch.exp(self._stacked("A").float())
-        D, delta_bias = self._stacked("D").float(), self._stacked("dt_proj.bias").float()
+        params = [self._stacked(name) for name in ("conv1d.weight", "conv1d.bias", "x_proj.weight",
+                                                   "dt_proj.weight", "dt_proj.bias", "A", "D")]
+        kernels = kernels_for("Mamba1", xz)
         if kernels is not None:
-            dtype = x.dtype  # the CUDA kernel wants u, delta, B, C, z in one dtype
-            return kernels.selective_scan(x, delta.to(dtype), A, B.to(dtype).contiguous(), C.to(dtype).contiguous(),
-                                          D, z=z.to(dtype), delta_bias=delta_bias, delta_softplus=True)
-        return selective_scan(x, delta, A, B, C, D, z=z, delta_bias=delta_bias)
+            y = self._kernel_scan(kernels, xz, params)
+        else:  # training keeps only xz and the weights; the rest is recomputed in backward
+            y = selective_scan_of(functools.partial(self._scan_inputs, softplus=True), xz, *params)
+        ndir, (batch, seqlen, _) = len(self.directions), xz.shape
+        if ndir > 1:  # each direction's outputs added back at their raster positions, averaged
+            rows = _direction_rows(seqlen, batch, xz.device).flatten()
+            y = y.new_zeros(batch * seqlen, self.d_inner).index_add_(0, rows, y.flatten(0, 2), alpha=1 / ndir)
+            y = y.view(batch, seqlen, -1)
+        else:
+            y = y[0]
+        return self.out_proj(y.to(xz.dtype))
+
+    def _scan_inputs(self, xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D,
+                     softplus):
+        """(u, delta, A, B, C, D, z) of the selective scan for all k directions at once, in the
+        scan's (k, b, l, .) layout: tokens gathered in each direction's order, causal conv + SiLU,
+        x_proj, dt_proj (delta = softplus(dt_proj(.) + bias) when `softplus`, else without bias).
+        """
+        ndir, (batch, seqlen, _) = len(self.directions), xz.shape
+        if ndir > 1:
+            xz = xz.flatten(0, 1)[_direction_rows(seqlen, batch, xz.device)]  # (k, b, l, 2d)
+        else:
+            xz = xz[None]
+        x, z = xz.chunk(2, dim=-1)
+        conv = _causal_conv_tokens(x.float(), conv_weight.view(ndir, self.d_inner, -1), conv_bias.view(ndir, 1, 1, -1))
+        u = F.silu(conv)
+        x_dbl = u.flatten(1, 2) @ x_proj_weight.view(ndir, -1, self.d_inner).mT  # (k, b*l, R+2N)
+        dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = dt @ dt_proj_weight.view(ndir, self.d_inner, self.dt_rank).mT
+        if softplus:  # in place: matmul outputs are not needed for their backward
+            delta = F.softplus(delta.float().add_(dt_proj_bias.float().view(ndir, 1, -1)))
+        tokens = (ndir, batch, seqlen, -1)
+        A = -torch.exp(A_log.float()).view(ndir, self.d_inner, -1)
+        return (u, delta.view(tokens), A, B.reshape(tokens), C.reshape(tokens), D.float().view(ndir, -1), z)
+
+    def _kernel_scan(self, kernels, xz, params):
+        """The mamba-ssm CUDA selective scan on the same inputs, channels first: (k, b, l, d) result."""
+        u, delta, A, B, C, D, z = self._scan_inputs(xz, *params, softplus=False)
+        ndir, batch, seqlen, _ = u.shape
+        dtype = xz.dtype  # the CUDA kernel wants u, delta, B, C, z in one dtype
+
+        def channels_first(t):  # (k, b, l, c) -> (b, k*c, l)
+            return t.to(dtype).permute(1, 0, 3, 2).reshape(batch, -1, seqlen)
+
+        y = kernels.selective_scan(channels_first(u), channels_first(delta), A.flatten(0, 1),
+                                   B.to(dtype).permute(1, 0, 3, 2).contiguous(),
+                                   C.to(dtype).permute(1, 0, 3, 2).contiguous(), D.flatten(),
+                                   z=channels_first(z), delta_bias=params[4].float(), delta_softplus=True)
+        return y.view(batch, ndir, self.d_inner, seqlen).permute(1, 0, 3, 2)
+
+
+def _causal_conv_tokens(x, weight, bias):
+    """Depthwise causal conv along the tokens of x (k, b, l, d): weight (k, d, w), bias (k, 1, 1, d),
+    left zero padding of w-1. One shifted multiply-add per tap, in place: no padded or channels-first copy."""
+    taps = weight.float().permute(2, 0, 1)[:, :, None, None].flip(0)  # taps[s] (k, 1, 1, d) meets x_{t-s}
+    out = torch.addcmul(bias.float(), taps[0], x)
+    for shift in range(1, min(len(taps), x.shape[2])):
+        out[:, :, shift:].addcmul_(taps[shift], x[:, :, :-shift])
+    return out
