@@ -227,45 +227,45 @@ def _scan_backward(u, delta, A, B, C, D, z, dy, chunk_len):
     a few (g, b, chunk, d, N) tensors whatever the length.
     """
     groups, batch, length, dim = u.shape
-    A2, work = A * math.log2(math.e), _workspace(u, A, chunk_len, ("decay", "states", "edges", "adjoint", "product"))
+    A2, work = A * math.log2(math.e), _workspace(u, A, chunk_len, ("decay", "states", "edges", "adjoint"))
     starts = range(0, length, chunk_len)
     entering = [u.new_zeros(groups, batch, dim, A.shape[-1])]
     for start in starts[:-1]:
         u_c, delta_c, B_c = (_chunk(t, start, chunk_len) for t in (u, delta, B))
         _, states = _chunk_states(u_c, delta_c, A2, B_c, entering[-1], work, last_only=True)
         entering.append(states[:, :, -1].clone())
-    grads = {name: [] for name in ("u", "delta", "B", "C", "z")}
+    du, ddelta, dB, dC = (torch.empty_like(t) for t in (u, delta, B, C))
+    dz = torch.empty_like(z) if z is not None else None
     dA, dD = torch.zeros_like(A), torch.zeros_like(D)
     carry = torch.zeros_like(entering[0])  # dL/dh at the end of the chunk, from the chunks after it
     for start, state in zip(reversed(starts), reversed(entering)):
         size = min(chunk_len, length - start)
+        part = slice(start, start + size)
         u_c, delta_c, B_c, C_c, dy_c = (_chunk(t, start, chunk_len) for t in (u, delta, B, C, dy))
         decay, states = _chunk_states(u_c, delta_c, A2, B_c, state, work)
         if z is not None:
             z_c = _chunk(z, start, chunk_len)
             y_c = (C_c[..., None, :] @ states.mT)[..., 0, :] + u_c * D[:, None, None]
             sigmoid = torch.sigmoid(z_c)
-            grads["z"].append((dy_c * y_c * sigmoid * (1 + z_c * (1 - sigmoid)))[:, :, :size])
+            dz[:, :, part] = (dy_c * y_c * sigmoid * (1 + z_c * (1 - sigmoid)))[:, :, :size]
             dy_c = dy_c * z_c * sigmoid
         dD += (dy_c * u_c).sum((1, 2))
-        grads["C"].append((dy_c[..., None, :] @ states)[:, :, :size, 0])
+        dC[:, :, part] = (dy_c[..., None, :] @ states)[:, :, :size, 0]
         adjoint = torch.mul(dy_c[..., None], C_c[..., None, :], out=work["adjoint"][:, :, :decay.shape[2]])
         adjoint[:, :, size - 1] += carry
         _scan_(decay, adjoint, work["edges"], reverse=True)  # dL/dh_t
         carry = decay[:, :, 0] * adjoint[:, :, 0]
         adjoint_B = (B_c[..., None, :] @ adjoint.mT)[..., 0, :]
-        grads["u"].append((adjoint_B * delta_c + dy_c * D[:, None, None])[:, :, :size])
-        grads["B"].append(((delta_c * u_c)[..., None, :] @ adjoint)[:, :, :size, 0])
+        du[:, :, part] = (adjoint_B * delta_c + dy_c * D[:, None, None])[:, :, :size]
+        dB[:, :, part] = ((delta_c * u_c)[..., None, :] @ adjoint)[:, :, :size, 0]
         # dL/d(delta_t A) = g_t exp(delta_t A) h_{t-1}, built in place of the adjoint
         log_decay_grad = adjoint.mul_(decay)
         log_decay_grad[:, :, 1:] *= states[:, :, :-1]
         log_decay_grad[:, :, 0] *= state
-        product = work["product"][:, :, :decay.shape[2]]
+        product = states  # no longer needed: its buffer takes the two weighted sums below
         dA += torch.mul(log_decay_grad, delta_c[..., None], out=product).sum((1, 2))
-        ddelta = adjoint_B * u_c + torch.mul(log_decay_grad, A[:, None, None], out=product).sum(-1)
-        grads["delta"].append(ddelta[:, :, :size])
-    du, ddelta, dB, dC = (torch.cat(grads[name][::-1], dim=2) for name in ("u", "delta", "B", "C"))
-    dz = torch.cat(grads["z"][::-1], dim=2) if z is not None else None
+        ddelta_c = adjoint_B * u_c + torch.mul(log_decay_grad, A[:, None, None], out=product).sum(-1)
+        ddelta[:, :, part] = ddelta_c[:, :, :size]
     return du, ddelta, dA, dB, dC, dD, dz
 
 

@@ -152,10 +152,12 @@ def column_order(seq_len: int) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=32)
 def _direction_rows(seq_len: int, batch: int, device: torch.device):
-    """(4, b, L) rows of a flattened (b*L, C) sequence read by the four v3 scans, in scan order."""
+    """Row indices for the four v3 scans: (4, b, L) rows of the flattened (b*L, C) input in each scan's
+    order, and (4, b, L) rows of the flattened (4*b*L, C) scan outputs in raster order."""
     forward, columns = torch.arange(seq_len), column_order(seq_len)
     orders = torch.stack([forward, forward.flip(0), columns, columns.flip(0)])
-    return (orders[:, None] + seq_len * torch.arange(batch)[:, None]).to(device)
+    starts = seq_len * torch.arange(4 * batch).view(4, batch, 1)  # first row of each (direction, sample)
+    return (orders[:, None] + starts[0]).to(device), (orders.argsort(dim=1)[:, None] + starts).to(device)
 
 
 class Mamba1(nn.Module):
@@ -226,44 +228,44 @@ class Mamba1(nn.Module):
         param._no_weight_decay = True
         return param
 
-    def _stacked(self, name):
-        """The per-direction tensors `name{suffix}` concatenated along dim 0 (directions stacked)."""
-        def get(suffix):
+    def _direction_params(self):
+        """Every direction's conv/x_proj/dt_proj/A/D parameters, grouped by kind (`_PARAMS` order)."""
+        def get(name, suffix):
             if name in ("A", "D"):
                 return getattr(self, f"{name}{suffix}_log" if name == "A" else f"{name}{suffix}")
             module_name, attr = name.split(".")
             return getattr(getattr(self, f"{module_name}{suffix}"), attr)
-        parts = [get(s) for s in self.directions]
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        return [get(name, suffix) for name in self._PARAMS for suffix in self.directions]
+
+    _PARAMS = ("conv1d.weight", "conv1d.bias", "x_proj.weight", "dt_proj.weight", "dt_proj.bias", "A", "D")
 
     def forward(self, hidden_states):
         """hidden_states (B, L, C) -> (B, L, C). v3 expects the cls token at L//2 and L-1 square."""
         xz = self.in_proj(hidden_states)  # (b, l, 2d)
-        params = [self._stacked(name) for name in ("conv1d.weight", "conv1d.bias", "x_proj.weight",
-                                                   "dt_proj.weight", "dt_proj.bias", "A", "D")]
         kernels = kernels_for("Mamba1", xz)
         if kernels is not None:
-            y = self._kernel_scan(kernels, xz, params)
-        else:  # training keeps only xz and the weights; the rest is recomputed in backward
-            y = selective_scan_of(functools.partial(self._scan_inputs, softplus=True), xz, *params)
+            y = self._kernel_scan(kernels, xz, self._direction_params())
+        else:  # training keeps only xz (and the parameters); the rest is recomputed in backward
+            prologue = functools.partial(self._scan_inputs, softplus=True)
+            y = selective_scan_of(prologue, xz, *self._direction_params())
         ndir, (batch, seqlen, _) = len(self.directions), xz.shape
-        if ndir > 1:  # each direction's outputs added back at their raster positions, averaged
-            rows = _direction_rows(seqlen, batch, xz.device).flatten()
-            y = y.new_zeros(batch * seqlen, self.d_inner).index_add_(0, rows, y.flatten(0, 2), alpha=1 / ndir)
-            y = y.view(batch, seqlen, -1)
+        if ndir > 1:  # each direction's outputs back in raster order, averaged (indexing keeps no activations)
+            y = y.flatten(0, 2)[_direction_rows(seqlen, batch, xz.device)[1]].sum(0) / ndir
         else:
             y = y[0]
         return self.out_proj(y.to(xz.dtype))
 
-    def _scan_inputs(self, xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D,
-                     softplus):
+    def _scan_inputs(self, xz, *params, softplus):
         """(u, delta, A, B, C, D, z) of the selective scan for all k directions at once, in the
         scan's (k, b, l, .) layout: tokens gathered in each direction's order, causal conv + SiLU,
         x_proj, dt_proj (delta = softplus(dt_proj(.) + bias) when `softplus`, else without bias).
+        params: `_direction_params()`, stacked here so that backward keeps the parameters, not copies.
         """
         ndir, (batch, seqlen, _) = len(self.directions), xz.shape
+        stacked = [torch.cat(params[i:i + ndir]) if ndir > 1 else params[i] for i in range(0, len(params), ndir)]
+        conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D = stacked
         if ndir > 1:
-            xz = xz.flatten(0, 1)[_direction_rows(seqlen, batch, xz.device)]  # (k, b, l, 2d)
+            xz = xz.flatten(0, 1)[_direction_rows(seqlen, batch, xz.device)[0]]  # (k, b, l, 2d)
         else:
             xz = xz[None]
         x, z = xz.chunk(2, dim=-1)
@@ -283,6 +285,7 @@ class Mamba1(nn.Module):
         u, delta, A, B, C, D, z = self._scan_inputs(xz, *params, softplus=False)
         ndir, batch, seqlen, _ = u.shape
         dtype = xz.dtype  # the CUDA kernel wants u, delta, B, C, z in one dtype
+        bias = torch.cat([getattr(self, f"dt_proj{suffix}").bias for suffix in self.directions]).float()
 
         def channels_first(t):  # (k, b, l, c) -> (b, k*c, l)
             return t.to(dtype).permute(1, 0, 3, 2).reshape(batch, -1, seqlen)
@@ -290,7 +293,7 @@ class Mamba1(nn.Module):
         y = kernels.selective_scan(channels_first(u), channels_first(delta), A.flatten(0, 1),
                                    B.to(dtype).permute(1, 0, 3, 2).contiguous(),
                                    C.to(dtype).permute(1, 0, 3, 2).contiguous(), D.flatten(),
-                                   z=channels_first(z), delta_bias=params[4].float(), delta_softplus=True)
+                                   z=channels_first(z), delta_bias=bias, delta_softplus=True)
         return y.view(batch, ndir, self.d_inner, seqlen).permute(1, 0, 3, 2)
 
 

@@ -58,6 +58,31 @@ def test_golden_fixture(golden, name):
     torch.testing.assert_close(out, fixture["output"], rtol=1e-4, atol=1e-4)
 
 
+def test_block_mlp_matches_swiglu_in_values_and_gradients():
+    """The Block's memory-lean SwiGLU (`_GatedProjection`) against the plain module, fp32 and bf16 autocast."""
+    torch.manual_seed(0)
+    block = models_arm.Block(32, "None")
+    x = torch.randn(2, 9, 32)
+    for dtype in (None, torch.bfloat16):
+        results = []
+        for lean in (True, False):
+            params = [p for p in block.mlp.parameters()]
+            inp = x.clone().requires_grad_()
+            with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+                h = block.norm2(inp)
+                out = (models_arm._GatedProjection.apply(block.mlp.w1(h), block.mlp.w2(h), block.mlp.w3.weight,
+                                                         block.mlp.w3.bias) if lean else block.mlp(h))
+            grads = torch.autograd.grad((out.float() * torch.linspace(-1, 1, 32)).sum(), [inp, *params])
+            results.append((out, grads))
+        (out, grads), (ref, ref_grads) = results
+        assert out.dtype == ref.dtype and (dtype is None or out.dtype == dtype)
+        tol = 1e-6 if dtype is None else 2e-2
+        torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
+        for g, g_ref in zip(grads, ref_grads):
+            assert g.dtype == g_ref.dtype
+            torch.testing.assert_close(g, g_ref, rtol=tol, atol=tol * g_ref.abs().max().item())
+
+
 # ------------------------------------------------------------------------------------ keys and counts
 
 def _rows(keys_table, family, variant):
