@@ -201,10 +201,22 @@ def _chunk_states(u, delta, A2, B, state, work, last_only=False):
     return decay, _scan_(decay, states, work["edges"], last_only=last_only)
 
 
-def _scan_forward(u, delta, A, B, C, D, z, chunk_len):
-    """y_t = (C_t . h_t + D u_t) SiLU(z_t), chunk by chunk. u, delta, z (g, b, l, d) (delta after
-    softplus); A (g, d, N); B, C (g, b, l, N); D (g, d); z may be None (no gate). All float32."""
+def _softplus(x):
+    """F.softplus(x), also beyond its threshold 20, from exp2 and log2, which run several times faster
+    on CPUs than the log1p it uses: log1p(t) = log(1 + t) t / ((1 + t) - 1) (Goldberg). Relative error
+    below 2e-7 (1 + |x|): exp2's argument is rounded, which matters only where the result is tiny."""
+    t = torch.exp2(x.abs().mul_(-math.log2(math.e)))  # exp(-|x|)
+    w = t + 1
+    log1p = torch.log2(w).mul_(t / (w - 1)).mul_(math.log(2))
+    return x.clamp(min=0).add_(torch.where(w == 1, t, log1p))
+
+
+def _scan_forward(u, delta, A, B, C, D, z, delta_bias, chunk_len):
+    """y_t = (C_t . h_t + D u_t) SiLU(z_t), chunk by chunk, with delta = softplus(delta + delta_bias).
+    u, delta, z (g, b, l, d); A (g, d, N); B, C (g, b, l, N); D, delta_bias (g, d); z may be None (no
+    gate). All float32."""
     groups, batch, length, dim = u.shape
+    delta = _softplus(delta + delta_bias[:, None, None])
     A2, work = A * math.log2(math.e), _workspace(u, A, chunk_len, ("decay", "states", "edges"))
     state = u.new_zeros(groups, batch, dim, A.shape[-1])
     ys = []
@@ -218,8 +230,8 @@ def _scan_forward(u, delta, A, B, C, D, z, chunk_len):
     return y if z is None else y.mul_(F.silu(z))
 
 
-def _scan_backward(u, delta, A, B, C, D, z, dy, chunk_len):
-    """Gradients (u, delta, A, B, C, D, z) of sum(dy * _scan_forward(...)).
+def _scan_backward(u, delta, A, B, C, D, z, delta_bias, dy, chunk_len):
+    """Gradients (u, delta, A, B, C, D, z, delta_bias) of sum(dy * _scan_forward(...)).
 
     Nothing of the forward is kept: a first pass finds the state entering each chunk (up-sweeps only),
     a second, from the last chunk to the first, recomputes each chunk's states and runs the adjoint
@@ -227,6 +239,7 @@ def _scan_backward(u, delta, A, B, C, D, z, dy, chunk_len):
     a few (g, b, chunk, d, N) tensors whatever the length.
     """
     groups, batch, length, dim = u.shape
+    raw_delta, delta = delta + delta_bias[:, None, None], _softplus(delta + delta_bias[:, None, None])
     A2, work = A * math.log2(math.e), _workspace(u, A, chunk_len, ("decay", "states", "edges", "adjoint"))
     starts = range(0, length, chunk_len)
     entering = [u.new_zeros(groups, batch, dim, A.shape[-1])]
@@ -266,11 +279,12 @@ def _scan_backward(u, delta, A, B, C, D, z, dy, chunk_len):
         dA += torch.mul(log_decay_grad, delta_c[..., None], out=product).sum((1, 2))
         ddelta_c = adjoint_B * u_c + torch.mul(log_decay_grad, A[:, None, None], out=product).sum(-1)
         ddelta[:, :, part] = ddelta_c[:, :, :size]
-    return du, ddelta, dA, dB, dC, dD, dz
+    ddelta *= torch.sigmoid(raw_delta)  # through the softplus
+    return du, ddelta, dA, dB, dC, dD, dz, ddelta.sum((1, 2))
 
 
 class _SelectiveScan(torch.autograd.Function):
-    """y = the selective scan of the tensors `prologue(*inputs)` returns (u, delta, A, B, C, D, z).
+    """y = the selective scan of the tensors `prologue(*inputs)` returns (u, delta, A, B, C, D, z, delta_bias).
 
     Only `inputs` are kept for backward: it reruns the prologue with autograd on (in the forward's
     autocast state), takes the scan's gradients from `_scan_backward` and backpropagates them through
@@ -321,15 +335,16 @@ def _as_float(tensors):
 
 
 def selective_scan_of(prologue, *inputs, chunk_len=SCAN_CHUNK):
-    """The selective scan of prologue(*inputs) -> (u, delta, A, B, C, D, z) in the (g, b, l, .) layout
-    of `_scan_forward`, returned as float32 (g, b, l, d). Training keeps only `inputs` (see
-    `_SelectiveScan`); the prologue must be deterministic and have no side effects.
+    """The selective scan of prologue(*inputs) -> (u, delta, A, B, C, D, z, delta_bias) in the (g, b, l, .)
+    layout of `_scan_forward` (delta before softplus, z may be None), returned as float32 (g, b, l, d).
+    Training keeps only `inputs` (see `_SelectiveScan`); the prologue must be deterministic and have no
+    side effects.
     """
     return _SelectiveScan.apply(prologue, chunk_len, *inputs)
 
 
 def _channels_last(u, delta, A, B, C, D, z, delta_bias):
-    """selective_scan_fn's arguments in the scan's layout: (b, g*d, l) -> (g, b, l, d), delta softplus-ed."""
+    """selective_scan_fn's arguments in the scan's layout: (b, g*d, l) -> (g, b, l, d); D, delta_bias (g, d)."""
     batch, dim, length = u.shape
     if B.dim() == 3:
         B, C = B[:, None], C[:, None]
@@ -338,11 +353,11 @@ def _channels_last(u, delta, A, B, C, D, z, delta_bias):
     def split(t):
         return t.reshape(batch, groups, dim // groups, length).permute(1, 0, 3, 2).contiguous()
 
-    delta = delta.float() + (delta_bias.float()[:, None] if delta_bias is not None else 0)
-    D = D.view(groups, -1) if D is not None else u.new_zeros(groups, dim // groups)
+    D, delta_bias = (t.view(groups, -1) if t is not None else u.new_zeros(groups, dim // groups)
+                     for t in (D, delta_bias))
     B, C = (t.permute(1, 0, 3, 2).contiguous() for t in (B, C))
-    return (split(u), split(F.softplus(delta)), A.view(groups, dim // groups, -1), B, C, D,
-            split(z) if z is not None else None)
+    return (split(u), split(delta), A.view(groups, dim // groups, -1), B, C, D,
+            split(z) if z is not None else None, delta_bias)
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, chunk_len=SCAN_CHUNK):

@@ -246,8 +246,7 @@ class Mamba1(nn.Module):
         if kernels is not None:
             y = self._kernel_scan(kernels, xz, self._direction_params())
         else:  # training keeps only xz (and the parameters); the rest is recomputed in backward
-            prologue = functools.partial(self._scan_inputs, softplus=True)
-            y = selective_scan_of(prologue, xz, *self._direction_params())
+            y = selective_scan_of(self._scan_inputs, xz, *self._direction_params())
         ndir, (batch, seqlen, _) = len(self.directions), xz.shape
         if ndir > 1:  # each direction's outputs back in raster order, averaged (indexing keeps no activations)
             y = y.flatten(0, 2)[_direction_rows(seqlen, batch, xz.device)[1]].sum(0) / ndir
@@ -255,10 +254,10 @@ class Mamba1(nn.Module):
             y = y[0]
         return self.out_proj(y.to(xz.dtype))
 
-    def _scan_inputs(self, xz, *params, softplus):
-        """(u, delta, A, B, C, D, z) of the selective scan for all k directions at once, in the
-        scan's (k, b, l, .) layout: tokens gathered in each direction's order, causal conv + SiLU,
-        x_proj, dt_proj (delta = softplus(dt_proj(.) + bias) when `softplus`, else without bias).
+    def _scan_inputs(self, xz, *params):
+        """(u, delta, A, B, C, D, z, delta_bias) of the selective scan for all k directions at once, in
+        the scan's (k, b, l, .) layout: tokens gathered in each direction's order, causal conv + SiLU,
+        x_proj, dt_proj without its bias (the scan adds it before the softplus, as the kernels do).
         params: `_direction_params()`, stacked here so that backward keeps the parameters, not copies.
         """
         ndir, (batch, seqlen, _) = len(self.directions), xz.shape
@@ -274,18 +273,16 @@ class Mamba1(nn.Module):
         x_dbl = u.flatten(1, 2) @ x_proj_weight.view(ndir, -1, self.d_inner).mT  # (k, b*l, R+2N)
         dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = dt @ dt_proj_weight.view(ndir, self.d_inner, self.dt_rank).mT
-        if softplus:  # in place: matmul outputs are not needed for their backward
-            delta = F.softplus(delta.float().add_(dt_proj_bias.float().view(ndir, 1, -1)))
         tokens = (ndir, batch, seqlen, -1)
         A = -torch.exp(A_log.float()).view(ndir, self.d_inner, -1)
-        return (u, delta.view(tokens), A, B.reshape(tokens), C.reshape(tokens), D.float().view(ndir, -1), z)
+        return (u, delta.view(tokens), A, B.reshape(tokens), C.reshape(tokens), D.float().view(ndir, -1), z,
+                dt_proj_bias.float().view(ndir, -1))
 
     def _kernel_scan(self, kernels, xz, params):
         """The mamba-ssm CUDA selective scan on the same inputs, channels first: (k, b, l, d) result."""
-        u, delta, A, B, C, D, z = self._scan_inputs(xz, *params, softplus=False)
+        u, delta, A, B, C, D, z, bias = self._scan_inputs(xz, *params)
         ndir, batch, seqlen, _ = u.shape
         dtype = xz.dtype  # the CUDA kernel wants u, delta, B, C, z in one dtype
-        bias = torch.cat([getattr(self, f"dt_proj{suffix}").bias for suffix in self.directions]).float()
 
         def channels_first(t):  # (k, b, l, c) -> (b, k*c, l)
             return t.to(dtype).permute(1, 0, 3, 2).reshape(batch, -1, seqlen)
@@ -293,14 +290,15 @@ class Mamba1(nn.Module):
         y = kernels.selective_scan(channels_first(u), channels_first(delta), A.flatten(0, 1),
                                    B.to(dtype).permute(1, 0, 3, 2).contiguous(),
                                    C.to(dtype).permute(1, 0, 3, 2).contiguous(), D.flatten(),
-                                   z=channels_first(z), delta_bias=bias, delta_softplus=True)
+                                   z=channels_first(z), delta_bias=bias.flatten(), delta_softplus=True)
         return y.view(batch, ndir, self.d_inner, seqlen).permute(1, 0, 3, 2)
 
 
 def _causal_conv_tokens(x, weight, bias):
     """Depthwise causal conv along the tokens of x (k, b, l, d): weight (k, d, w), bias (k, 1, 1, d),
-    left zero padding of w-1. One shifted multiply-add per tap, in place: no padded or channels-first copy."""
-    taps = weight.float().permute(2, 0, 1)[:, :, None, None].flip(0)  # taps[s] (k, 1, 1, d) meets x_{t-s}
+    left zero padding of w-1. One shifted multiply-add per tap, in place: no padded or channels-first copy
+    (the taps are made contiguous: strided broadcast operands run ~5x slower on CPUs)."""
+    taps = weight.float().permute(2, 0, 1).flip(0).contiguous()[:, :, None, None]  # taps[s] (k,1,1,d): x_{t-s}
     out = torch.addcmul(bias.float(), taps[0], x)
     for shift in range(1, min(len(taps), x.shape[2])):
         out[:, :, shift:].addcmul_(taps[shift], x[:, :, :-shift])

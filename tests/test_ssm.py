@@ -136,7 +136,7 @@ def test_ssd_backward_keeps_no_quadratic_tensors():
 # ---------------------------------------------------------------------------------- Mamba-1 selective scan
 
 @pytest.mark.parametrize("length,ngroups,chunk_len", [(1, 1, 64), (17, 1, 64), (64, 2, 64), (65, 1, 64),
-                                                      (200, 2, 64), (37, 3, 8)])
+                                                      (200, 2, 64), (37, 3, 8), (197, 3, 16), (50, 2, 12)])
 def test_selective_scan_matches_recurrence_forward_and_backward(length, ngroups, chunk_len):
     inputs = scan_inputs(length, ngroups=ngroups)
     ours = leaves(*inputs)
@@ -148,6 +148,97 @@ def test_selective_scan_matches_recurrence_forward_and_backward(length, ngroups,
     names = "u delta A B C D z delta_bias".split()
     for name, g, g_ref in zip(names, grads(y, ours), grads(y_ref, ref)):
         assert_close_rel(g, g_ref, 1e-4, f"grad {name}")
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_blelloch_scan_matches_the_recurrence(reverse):
+    g = torch.Generator().manual_seed(0)
+    for length in (1, 2, 4, 8, 16, 32):
+        decay = torch.rand(2, 3, length, 5, 4, generator=g, dtype=torch.float64)
+        value = torch.randn(2, 3, length, 5, 4, generator=g, dtype=torch.float64)
+        expected = value.clone()
+        steps = range(length - 2, -1, -1) if reverse else range(1, length)
+        for t in steps:  # reverse: value_t += decay_{t+1} value_{t+1}
+            expected[:, :, t] += decay[:, :, t + 1] * expected[:, :, t + 1] if reverse else \
+                decay[:, :, t] * expected[:, :, t - 1]
+        edges, kept = torch.empty_like(decay), decay.clone()
+        out = scans._scan_(decay, value.clone(), edges, reverse=reverse)
+        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+        assert torch.equal(decay, kept)
+        final = 0 if reverse else -1
+        last = scans._scan_(decay, value.clone(), edges, reverse=reverse, last_only=True)[:, :, final]
+        torch.testing.assert_close(last, expected[:, :, final], rtol=1e-12, atol=1e-12)
+
+
+def test_softplus_matches_torch_including_its_threshold():
+    x = torch.cat([-torch.logspace(-8, 30, 400), torch.zeros(1), torch.logspace(-8, 30, 400),
+                   torch.linspace(-30, 30, 2001)])
+    ours, expected = scans._softplus(x.clone()), F.softplus(x.double())
+    assert torch.isfinite(ours).all()
+    error = (ours.double() - expected).abs()
+    tiny = torch.finfo(torch.float32).tiny  # below it float32 underflows, F.softplus's result too
+    assert (error <= 2e-7 * (1 + x.abs()) * expected + tiny).all()  # exp2's argument rounding grows with |x|
+    assert (error[x.abs() < 4] <= 1e-6 * expected[x.abs() < 4]).all()  # a few ulp where softplus is O(1)
+    assert torch.equal(ours[x > 20], x[x > 20])  # F.softplus's linear branch, reproduced exactly
+
+
+def test_selective_scan_long_sequence_with_large_decays_and_steps():
+    """delta up to ~30 and |A| up to 16: decays underflow to 0 without overflow anywhere, over 600 tokens."""
+    u, delta, A, B, C, D, z, delta_bias = scan_inputs(600, ngroups=2, dstate=16, dim=8)
+    delta = delta * 12
+    A = A * 4
+    ours, ref = leaves(u, delta, A, B, C, D, z, delta_bias), leaves(u, delta, A, B, C, D, z, delta_bias,
+                                                                       dtype=torch.float64)
+    y = scans.selective_scan(*ours[:6], z=ours[6], delta_bias=ours[7])
+    y_ref = selective_scan_recurrence(*ref)
+    assert torch.isfinite(y).all()
+    assert_close_rel(y, y_ref, 1e-5)
+    for name, g, g_ref in zip("u delta A B C D z delta_bias".split(), grads(y, ours), grads(y_ref, ref)):
+        assert torch.isfinite(g).all()
+        assert_close_rel(g, g_ref, 1e-4, f"grad {name}")
+
+
+def test_selective_scan_without_skip_or_gate():
+    u, delta, A, B, C, _, _, delta_bias = scan_inputs(40)
+    ours, ref = leaves(u, delta, A, B, C), leaves(u, delta, A, B, C, dtype=torch.float64)
+    y = scans.selective_scan(*ours, delta_bias=delta_bias)
+    zero_skip, no_gate = torch.zeros(u.shape[1], dtype=torch.float64), torch.full(u.shape, 50.0, dtype=torch.float64)
+    y_ref = selective_scan_recurrence(*ref, zero_skip, no_gate, delta_bias.double())  # SiLU(50) = 50
+    assert_close_rel(y, y_ref / 50, 1e-5)
+    for g, g_ref in zip(grads(y, ours), grads(y_ref / 50, ref)):
+        assert_close_rel(g, g_ref, 1e-4)
+
+
+def test_selective_scan_of_reruns_the_prologue_in_backward_with_the_forward_autocast_state():
+    u, delta, A, B, C, D, z, delta_bias = scan_inputs(20)
+    weight = torch.randn(6, 6, requires_grad=True)
+    seen = []
+
+    def prologue(weight, u):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.is_grad_enabled()))
+        mixed = (weight @ u).mT  # (b, l, d); bf16 under autocast
+        layout = (lambda t: t[None].float()), (lambda t: t.transpose(-1, -2)[None])
+        return (layout[0](mixed), layout[1](delta), A[None], layout[1](B), layout[1](C), D[None], layout[1](z),
+                delta_bias[None])
+
+    results = []
+    for autocast in (True, False):
+        seen.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = scans.selective_scan_of(prologue, weight, u)[0].mT  # (1, b, l, d) -> (b, d, l)
+        (weight_grad,) = grads(y, [weight])
+        assert seen == [(autocast, False), (autocast, True)]  # forward without graph, backward with one
+        seen.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):  # the same through plain autograd
+            mixed = prologue(weight, u)[0][0].mT
+        reference = selective_scan_recurrence(mixed, delta, A, B, C, D, z, delta_bias)
+        (reference_grad,) = grads(reference, [weight])
+        assert seen == [(autocast, True)]
+        results.append((y, weight_grad, reference, reference_grad))
+    for y, weight_grad, reference, reference_grad in results:
+        assert_close_rel(y, reference, 1e-6)
+        assert_close_rel(weight_grad, reference_grad, 1e-5)
+    assert (results[0][0] - results[1][0]).abs().max() > 1e-4  # bf16 really changed the prologue
 
 
 def test_selective_scan_bf16_autocast_is_close_and_returns_input_dtype():
@@ -232,23 +323,72 @@ def to_columns(seq):
     return torch.cat([rest[:, :cls], seq[:, cls:cls + 1], rest[:, cls:]], 1)
 
 
-def test_mamba1_unidirectional_matches_reference():
-    m = perturbed(ssm.Mamba1(16, d_state=4, bimamba_type="None"))
-    u = torch.randn(2, 70, 16)
-    ref = m.out_proj(mamba1_direction(m, m.in_proj(u), ""))
-    assert_close_rel(m(u), ref, 1e-5)
-
-
-def test_mamba1_v3_matches_four_explicit_scans():
-    m = perturbed(ssm.Mamba1(16, d_state=4, bimamba_type="v3"))
-    u = torch.randn(2, 26, 16)  # cls at 13, 5 x 5 grid
+def mamba1_v3_reference(m, u):
+    """SPEC 1.6 v3: four explicit scans in their token orders, mapped back, averaged, out_proj."""
     xz = m.in_proj(u)
     forward = mamba1_direction(m, xz, "")
     backward = mamba1_direction(m, xz.flip(1), "_b").flip(1)
     columns = to_columns(xz)
     vertical = mamba1_direction(m, columns, "_c") + mamba1_direction(m, columns.flip(1), "_c_b").flip(1)
-    ref = m.out_proj((forward + backward + to_columns(vertical)) / 4)
-    assert_close_rel(m(u), ref, 1e-5)
+    return m.out_proj((forward + backward + to_columns(vertical)) / 4)
+
+
+def assert_module_matches(m, u, reference, tol=1e-5):
+    """Outputs and the gradients of the input and every parameter agree with reference(m, u)."""
+    inputs = [u.clone().requires_grad_(), *m.parameters()]
+    y = m(inputs[0])
+    y_ref = reference(m, inputs[0])
+    assert_close_rel(y, y_ref, tol)
+    names = ["input"] + [name for name, _ in m.named_parameters()]
+    for name, g, g_ref in zip(names, grads(y, inputs), grads(y_ref, inputs)):
+        assert_close_rel(g, g_ref, 10 * tol, f"grad {name}")
+
+
+def test_mamba1_unidirectional_matches_reference():
+    m = perturbed(ssm.Mamba1(16, d_state=4, bimamba_type="None"))
+    assert_module_matches(m, torch.randn(2, 70, 16), lambda m, u: m.out_proj(mamba1_direction(m, m.in_proj(u), "")))
+
+
+def test_mamba1_v3_matches_four_explicit_scans():
+    m = perturbed(ssm.Mamba1(16, d_state=4, bimamba_type="v3"))
+    assert_module_matches(m, torch.randn(2, 26, 16), mamba1_v3_reference)  # cls at 13, 5 x 5 grid
+
+
+def test_mamba1_bf16_autocast_training_is_close_to_fp32():
+    """Backward (outside the autocast block) recomputes the prologue in the forward's autocast state."""
+    m = perturbed(ssm.Mamba1(32, d_state=8, bimamba_type="v3"))
+    u = torch.randn(2, 37, 32)
+    inputs = [u.clone().requires_grad_(), *m.parameters()]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = m(inputs[0])
+    assert low.dtype == torch.bfloat16
+    low_grads = grads(low.float(), inputs)
+    high = m(inputs[0])
+    assert_close_rel(low, high, 3e-2)
+    for g, g_ref in zip(low_grads, grads(high, inputs)):
+        assert g.dtype == g_ref.dtype
+        assert_close_rel(g, g_ref, 5e-2)
+
+
+def test_mamba1_training_keeps_only_in_proj_output_and_the_mixer_output():
+    """What autograd stores for backward besides parameters: in_proj's input (the caller's tensor),
+    xz for the recomputing scan, out_proj's input and small integer indices; no (k, b, l, d) tensors."""
+    batch, length, dim = 2, 26, 16
+    m = ssm.Mamba1(dim, d_state=4, bimamba_type="v3")
+    u = torch.randn(batch, length, dim, requires_grad=True)
+    params = {p.untyped_storage().data_ptr() for p in m.parameters()}
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params | {u.untyped_storage().data_ptr()}:
+            saved[t.untyped_storage().data_ptr()] = (t.untyped_storage().nbytes(), t.dtype)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        m(u)
+    floats = sum(n for n, dtype in saved.values() if dtype.is_floating_point)
+    assert floats == 4 * batch * length * (2 * dim + dim)  # xz (b, l, 2d) and the averaged output (b, l, d)
+    assert sum(n for n, dtype in saved.values() if not dtype.is_floating_point) <= 8 * 4 * batch * length
 
 
 def test_v3_column_order_matches_spec_formula_at_224():
