@@ -132,6 +132,14 @@ def ssd_chunked(x, dt, A, B, C, chunk_size=256):
 # Mamba-1 selective scan
 # ----------------------------------------------------------------------------------------------------
 
+def _mul(a, b, out):
+    """a * b written into `out`, a reused buffer, in eager mode; under torch.compile a plain product
+    (inductor plans its own buffers and does not take strided `out=` views)."""
+    if torch.compiler.is_compiling():
+        return a * b
+    return torch.mul(a, b, out=out)
+
+
 def _scan_(decay, value, edges_out, reverse=False, last_only=False):
     """In place along dim 2 (a power-of-two length): value_t += decay_t value_{t-1} for every t, or with
     reverse the adjoint recurrence value_t += decay_{t+1} value_{t+1}.
@@ -156,7 +164,7 @@ def _scan_(decay, value, edges_out, reverse=False, last_only=False):
         if span < length:
             count = length // span - reverse
             pairs = edges[:, :, 0::2][:, :, :count], edges[:, :, 1::2][:, :, :count]
-            edges, used = torch.mul(*pairs, out=edges_out[:, :, used:used + count]), used + count
+            edges, used = _mul(*pairs, out=edges_out[:, :, used:used + count]), used + count
     if last_only:
         return value
     for span, edges in reversed(levels[:-1]):
@@ -195,8 +203,8 @@ def _chunk_states(u, delta, A2, B, state, work, last_only=False):
     both (g, b, n, d, N) views of `work`, from the state (g, b, d, N) entering it. A2 = A log2(e):
     exp2 is about three times faster than exp on CPUs, and as accurate."""
     n = u.shape[2]
-    decay = torch.mul(delta[..., None], A2[:, None, None], out=work["decay"][:, :, :n]).exp2_()
-    states = torch.mul((delta * u)[..., None], B[..., None, :], out=work["states"][:, :, :n])
+    decay = _mul(delta[..., None], A2[:, None, None], out=work["decay"][:, :, :n]).exp2_()
+    states = _mul((delta * u)[..., None], B[..., None, :], out=work["states"][:, :, :n])
     states[:, :, 0].addcmul_(decay[:, :, 0], state)
     return decay, _scan_(decay, states, work["edges"], last_only=last_only)
 
@@ -264,7 +272,7 @@ def _scan_backward(u, delta, A, B, C, D, z, delta_bias, dy, chunk_len):
             dy_c = dy_c * z_c * sigmoid
         dD += (dy_c * u_c).sum((1, 2))
         dC[:, :, part] = (dy_c[..., None, :] @ states)[:, :, :size, 0]
-        adjoint = torch.mul(dy_c[..., None], C_c[..., None, :], out=work["adjoint"][:, :, :decay.shape[2]])
+        adjoint = _mul(dy_c[..., None], C_c[..., None, :], out=work["adjoint"][:, :, :decay.shape[2]])
         adjoint[:, :, size - 1] += carry
         _scan_(decay, adjoint, work["edges"], reverse=True)  # dL/dh_t
         carry = decay[:, :, 0] * adjoint[:, :, 0]
@@ -276,8 +284,8 @@ def _scan_backward(u, delta, A, B, C, D, z, delta_bias, dy, chunk_len):
         log_decay_grad[:, :, 1:] *= states[:, :, :-1]
         log_decay_grad[:, :, 0] *= state
         product = states  # no longer needed: its buffer takes the two weighted sums below
-        dA += torch.mul(log_decay_grad, delta_c[..., None], out=product).sum((1, 2))
-        ddelta_c = adjoint_B * u_c + torch.mul(log_decay_grad, A[:, None, None], out=product).sum(-1)
+        dA += _mul(log_decay_grad, delta_c[..., None], out=product).sum((1, 2))
+        ddelta_c = adjoint_B * u_c + _mul(log_decay_grad, A[:, None, None], out=product).sum(-1)
         ddelta[:, :, part] = ddelta_c[:, :, :size]
     ddelta *= torch.sigmoid(raw_delta)  # through the softplus
     return du, ddelta, dA, dB, dC, dD, dz, ddelta.sum((1, 2))
@@ -317,6 +325,26 @@ class _SelectiveScan(torch.autograd.Function):
         return (None, None) + tuple(next(found) if need else None for need in needs)
 
 
+class _Scan(torch.autograd.Function):
+    """The scan alone with its hand-written backward, keeping its inputs: the form torch.compile traces
+    (it cannot trace `_SelectiveScan`'s autograd.grad; inductor decides itself what to recompute)."""
+
+    @staticmethod
+    def forward(ctx, chunk_len, *scan_inputs):
+        ctx.chunk_len = chunk_len
+        ctx.save_for_backward(*scan_inputs)
+        with _autocast_off(scan_inputs[0].device.type):
+            return _scan_forward(*_as_float(scan_inputs), chunk_len)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        saved = ctx.saved_tensors
+        with _autocast_off(dy.device.type):
+            grads = _scan_backward(*_as_float(saved), dy.float(), ctx.chunk_len)
+        return (None,) + tuple(None if t is None else g.to(t.dtype) for t, g in zip(saved, grads))
+
+
 def _autocast_state(device_type):
     """(enabled, dtype) of autocast on device_type, None where it has no autocast (meta)."""
     if not torch.amp.is_autocast_available(device_type):
@@ -338,8 +366,10 @@ def selective_scan_of(prologue, *inputs, chunk_len=SCAN_CHUNK):
     """The selective scan of prologue(*inputs) -> (u, delta, A, B, C, D, z, delta_bias) in the (g, b, l, .)
     layout of `_scan_forward` (delta before softplus, z may be None), returned as float32 (g, b, l, d).
     Training keeps only `inputs` (see `_SelectiveScan`); the prologue must be deterministic and have no
-    side effects.
+    side effects. Under torch.compile the prologue is traced and the scan is `_Scan`.
     """
+    if torch.compiler.is_compiling():
+        return _Scan.apply(chunk_len, *prologue(*inputs))
     return _SelectiveScan.apply(prologue, chunk_len, *inputs)
 
 
