@@ -270,7 +270,8 @@ class Mamba1(nn.Module):
         x, z = xz.chunk(2, dim=-1)
         conv = _causal_conv_tokens(x.float(), conv_weight.view(ndir, self.d_inner, -1), conv_bias.view(ndir, 1, 1, -1))
         u = F.silu(conv)
-        x_dbl = u.flatten(1, 2) @ x_proj_weight.view(ndir, -1, self.d_inner).mT  # (k, b*l, R+2N)
+        u_proj = u.to(x_proj_weight.dtype).flatten(1, 2)  # a bfloat16 model projects in bfloat16
+        x_dbl = u_proj @ x_proj_weight.view(ndir, -1, self.d_inner).mT  # (k, b*l, R+2N)
         dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = dt @ dt_proj_weight.view(ndir, self.d_inner, self.dt_rank).mT
         tokens = (ndir, batch, seqlen, -1)
