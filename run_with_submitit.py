@@ -193,8 +193,7 @@ def continue_job(args):
     """A restart resumes (`--resume auto` on the job folder); an explicit --resume only until the job has saved."""
     if not args.resume or checkpoint.latest_checkpoint(args.output_dir) is not None:
         args.resume = "auto"
-    if hasattr(args, "overwrite"):
-        args.overwrite = False  # what the first start moved aside stays aside; this start continues it
+    args.overwrite = False  # what the first start moved aside stays aside; this start continues it
 
 
 def write_into(args, folder):

@@ -40,8 +40,11 @@ RUN_FILES = ("checkpoint*.pth", "best_checkpoint.pth", LOG_NAME, "curves.png")
 PLUMBING_FLAGS = {
     "resume", "start_epoch", "output_dir", "log_dir", "data_path", "device", "num_workers", "pin_mem", "eval",
     "overwrite", "check_images", "log_every", "ssm_backend", "compile", "if_wandb", "wandb_resume", "wandb_project",
-    "mlflow", "tensorboard", "distributed", "world_size", "rank", "gpu", "local_rank", "dist_url", "dist_backend",
-    "dist_on_itp", "script", "ngpus", "nodes", "timeout", "job_dir", "partition", "use_volta32", "comment",
+    "wandb_entity", "wandb_name", "mlflow", "mlflow_resume", "log_best_checkpoint", "tensorboard", "distributed",
+    "world_size", "rank", "gpu", "local_rank", "dist_url", "dist_backend", "dist_on_itp",
+    # run_with_submitit.py's launcher flags
+    "script", "ngpus", "nodes", "timeout", "job_dir", "partition", "use_volta32", "comment", "cluster", "mem_gb",
+    "cpus_per_task", "account", "qos", "constraint", "exclude",
 }
 # Flags that decide the model's tensors: a resume cannot apply a change (the weights would not fit).
 MODEL_FLAGS = ("model", "input_size", "model_kwargs", "nb_classes")

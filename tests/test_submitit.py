@@ -317,9 +317,10 @@ def test_a_restart_slurm_makes_itself_continues_the_job(submitit, tmp_path, monk
 def test_a_restart_resumes_from_the_job_folder_once_it_holds_a_checkpoint(resume, saved, expected, tmp_path):
     if saved:
         checkpoint.save_checkpoint({"epoch": 3}, tmp_path / "checkpoint.pth")
-    args = launcher.parse_args(["--output_dir", str(tmp_path), "--resume", resume])
+    args = launcher.parse_args(["--output_dir", str(tmp_path), "--resume", resume, "--overwrite"])
     launcher.continue_job(args)
     assert args.resume == expected
+    assert args.overwrite is False  # what the first start moved aside stays aside
 
 
 @pytest.mark.parametrize("script", ["main", "main_pretrain", "main_finetune"])
