@@ -18,6 +18,7 @@ once at start-up, so a bad file in a folder of a million stops the run before tr
 """
 import json
 import os
+import random
 import warnings
 
 import torch
@@ -206,11 +207,16 @@ def _image_folder(args, is_train, transform):
 
 
 def _digits(args, is_train, transform):
+    # scikit-learn's first import draws from Python's global random stream (through `rich`), which the run
+    # has already seeded: keep the stream as it was, so a first and a second run in one process agree.
+    stream = random.getstate()
     try:
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
     except ImportError:
         raise DatasetError("the DIGITS data set needs scikit-learn: pip install scikit-learn") from None
+    finally:
+        random.setstate(stream)
     digits = load_digits()
     train_rows, val_rows = train_test_split(
         range(len(digits.target)), test_size=DIGITS_VAL_SIZE, random_state=DIGITS_SPLIT_SEED,

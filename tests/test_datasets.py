@@ -1,12 +1,14 @@
 """Data sets, the three transform recipes, ThreeAugment and the bad-image policy (tiny images, CPU)."""
 import argparse
 import json
+import subprocess
 import sys
 import warnings
 
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 from PIL import Image
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch._utils import ExceptionWrapper
@@ -142,6 +144,15 @@ def test_digits_without_sklearn_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
     with pytest.raises(DatasetError, match="pip install scikit-learn"):
         build_dataset(True, make_args(data_set="DIGITS"))
+
+
+def test_digits_leave_the_seeded_python_stream_alone():
+    """scikit-learn's first import draws from Python's random stream; building DIGITS must not show it."""
+    code = ("import random, argparse, datasets; random.seed(0); expected = random.random(); random.seed(0); "
+            "datasets.build_dataset(True, argparse.Namespace(data_set='DIGITS', input_size=16, data_path='', "
+            "bad_images='error'), transform=lambda image: image); print(random.random() == expected)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert done.stdout.strip() == "True", done.stderr[-2000:]
 
 
 # ---------------------------------------------------------------- iNaturalist
