@@ -145,16 +145,7 @@ def load_resume(args, model, optimizer, loss_scaler):
     print(f"Resume checkpoint {args.resume}")
     if not resuming:
         return None
-    runs.load_optimizer_state(optimizer, ckpt["optimizer"], args.resume)
-    if "sampler" in ckpt or ckpt["epoch"] >= 0:
-        args.start_epoch = checkpoint.resume_point(ckpt)[0]
-    else:
-        print(f"note: {args.resume} stores epoch {ckpt['epoch']} (official rolling file), "
-              f"continuing at --start_epoch {args.start_epoch}")
-    if "scaler" in ckpt:
-        loss_scaler.load_state_dict(ckpt["scaler"])
-    loggers.continue_runs(args, ckpt)
-    print("With optim & sched!")
+    runs.restore_training(args, ckpt, optimizer, loss_scaler, "official rolling file")
     return ckpt
 
 

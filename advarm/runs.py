@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from advarm import checkpoint
+from advarm import checkpoint, loggers
 
 try:
     import fcntl
@@ -276,6 +276,22 @@ def load_optimizer_state(optimizer, state, source):
                                          "of the original run (--opt, --layer_decay, --weight_decay groups)") from None
     for group, hyper in zip(optimizer.param_groups, fresh):
         group.update(hyper)
+
+
+def restore_training(args, ckpt, optimizer, loss_scaler, official_file):
+    """The ARM scripts' official `load_model` after the weights: optimiser, start epoch, loss scaler, and
+    the trackers' run ids. An official file storing a negative epoch (`official_file`, e.g. the rolling
+    checkpoint--1.pth) cannot say where it stands: the run continues at --start_epoch, as officially."""
+    load_optimizer_state(optimizer, ckpt["optimizer"], args.resume)
+    if "sampler" in ckpt or ckpt["epoch"] >= 0:
+        args.start_epoch = checkpoint.resume_point(ckpt)[0]
+    else:
+        print(f"note: {args.resume} stores epoch {ckpt['epoch']} ({official_file}), "
+              f"continuing at --start_epoch {args.start_epoch}")
+    if "scaler" in ckpt:
+        loss_scaler.load_state_dict(ckpt["scaler"])
+    loggers.continue_runs(args, ckpt)
+    print("With optim & sched!")
 
 
 def already_finished(start_epoch, epochs, source):
