@@ -20,12 +20,7 @@ FAMILIES = {
 TINY = dict(depth=2, embed_dim=32, num_classes=5)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(name, size, **kwargs):

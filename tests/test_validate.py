@@ -33,12 +33,7 @@ COLUMNS = ["model", "checkpoint", "top1", "top1_err", "top5", "top5_err", "loss"
            "crop_pct", "crop_mode", "interpolation", "img_per_sec"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
