@@ -1,10 +1,12 @@
 """Shared test fixtures: the project root on sys.path and the official golden fixtures."""
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -53,9 +55,29 @@ def keys_table():
 @pytest.fixture
 def one_thread():
     """Tiny models run fastest on one thread, and far faster than two on a busy 2-core machine."""
-    import torch
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def torchrun_main(tmp_path):
+    """Runs main.py under `torchrun --nproc_per_node=2` (gloo on CPU); returns each rank's final model and EMA
+    weights, and the run's stdout."""
+    def run(argv):
+        script = tmp_path / "torchrun_rank.py"
+        script.write_text(
+            "import os, sys, torch\n"
+            f"sys.path.insert(0, {str(ROOT)!r})\n"
+            "import main\n"
+            "result = main.main(main.get_args_parser().parse_args(sys.argv[1:]))\n"
+            "state = {'model': result['model'].state_dict(), 'ema': result['model_ema'].module.state_dict()}\n"
+            f"torch.save(state, os.path.join({str(tmp_path)!r}, 'torchrun%s.pt' % os.environ['RANK']))\n")
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+                   *argv]
+        done = subprocess.run(command, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return [torch.load(tmp_path / f"torchrun{rank}.pt") for rank in (0, 1)], done.stdout
+    return run

@@ -1,9 +1,6 @@
 """main.py end to end on CPU: tiny Adventurer (depth 2, width 32, 32 px) on a generated image folder."""
 import json
-import os
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -454,25 +451,13 @@ def test_accuracy_rises_on_digits(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_gloo_run_ends_with_identical_parameters(folder, tmp_path):
+def test_two_process_gloo_run_ends_with_identical_parameters(folder, tmp_path, torchrun_main):
     """torchrun --nproc_per_node=2 on the CPU: DDP keeps both ranks' weights (and EMAs) bit-identical."""
-    script = tmp_path / "run_rank.py"
-    script.write_text(
-        "import os, sys, torch\n"
-        f"sys.path.insert(0, {str(ROOT)!r})\n"
-        "import main\n"
-        "result = main.main(main.get_args_parser().parse_args(sys.argv[1:]))\n"
-        "state = {'model': result['model'].state_dict(), 'ema': result['model_ema'].module.state_dict()}\n"
-        f"torch.save(state, os.path.join({str(tmp_path)!r}, 'rank%s.pt' % os.environ['RANK']))\n")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-               "--data-set", "FOLDER", "--data-path", str(folder), *TINY, "--epochs", "1", "--max-iters-per-epoch",
-               "2", "--dist-eval", "--output_dir", str(tmp_path / "out"), "--model-ema-decay", "0.5"]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    ranks, stdout = torchrun_main(["--data-set", "FOLDER", "--data-path", str(folder), *TINY, "--epochs", "1",
+                                   "--max-iters-per-epoch", "2", "--dist-eval", "--output_dir", str(tmp_path / "out"),
+                                   "--model-ema-decay", "0.5"])
     for part in ("model", "ema"):
         for key, value in ranks[0][part].items():
             assert torch.equal(value, ranks[1][part][key]), (part, key)
     assert len(read_log(tmp_path / "out")) == 1  # only rank 0 writes log.txt
-    assert "distributed init (rank 0/2, gloo)" in done.stdout
+    assert "distributed init (rank 0/2, gloo)" in stdout

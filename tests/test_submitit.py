@@ -248,7 +248,7 @@ def test_arm_job_preempted_once_finishes_as_the_uninterrupted_run(argv, submitit
 
 
 @pytest.mark.slow
-def test_two_task_job_trains_as_torchrun_with_identical_ranks(submitit, by_value, tmp_path):
+def test_two_task_job_trains_as_torchrun_with_identical_ranks(submitit, by_value, tmp_path, torchrun_main):
     """2 CPU processes on gloo, ranks and rendezvous from submitit: both ranks end with the same weights,
     and with the weights `torchrun --nproc_per_node 2` gives for the same flags (RASampler, lr x 2)."""
     flags = [*ADVENTURER, "--epochs", "1", "--max-iters-per-epoch", "4", "--dist-eval"]
@@ -259,20 +259,7 @@ def test_two_task_job_trains_as_torchrun_with_identical_ranks(submitit, by_value
     for part in ("model", "ema"):
         assert_same_tensors(ranks[0][part], ranks[1][part], f"rank 1 {part}")
 
-    script = tmp_path / "torchrun_rank.py"
-    script.write_text(
-        "import os, sys, torch\n"
-        f"sys.path.insert(0, {str(ROOT)!r})\n"
-        "import main\n"
-        "result = main.main(main.get_args_parser().parse_args(sys.argv[1:]))\n"
-        "state = {'model': result['model'].state_dict(), 'ema': result['model_ema'].module.state_dict()}\n"
-        "torch.save(state, os.path.join(os.path.dirname(sys.argv[0]), 'torchrun%s.pt' % os.environ['RANK']))\n")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-               *script_flags(flags), "--output_dir", str(tmp_path / "torchrun")]
-    done = subprocess.run(command, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    torchrun = torch.load(tmp_path / "torchrun0.pt")
+    torchrun = torchrun_main([*script_flags(flags), "--output_dir", str(tmp_path / "torchrun")])[0][0]
     for part in ("model", "ema"):
         assert_same_tensors(ranks[0][part], torchrun[part], f"torchrun {part}")
 
