@@ -239,12 +239,23 @@ def _scan_forward(u, delta, A, B, C, D, z, delta_bias, chunk_len):
 
 
 def _scan_backward(u, delta, A, B, C, D, z, delta_bias, dy, chunk_len):
-    """Gradients (u, delta, A, B, C, D, z, delta_bias) of sum(dy * _scan_forward(...)).
+    """Gradients (u, delta, A, B, C, D, z, delta_bias) of sum(dy * _scan_forward(...)), one group (ARM:
+    one scan direction) at a time, each written into its slice of the results: the working set is then a
+    group's, a quarter of the four directions' (the backward's peak memory sits in it)."""
+    grads = [None if t is None else torch.empty_like(t) for t in (u, delta, A, B, C, D, z, delta_bias)]
+    for k in range(u.shape[0]):
+        group = [None if t is None else t[k:k + 1] for t in (u, delta, A, B, C, D, z, delta_bias, dy)]
+        _scan_backward_group(*group, chunk_len, [None if g is None else g[k:k + 1] for g in grads])
+    return grads
+
+
+def _scan_backward_group(u, delta, A, B, C, D, z, delta_bias, dy, chunk_len, grads):
+    """`_scan_backward` of one group, written into `grads` (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias).
 
     Nothing of the forward is kept: a first pass finds the state entering each chunk (up-sweeps only),
     a second, from the last chunk to the first, recomputes each chunk's states and runs the adjoint
     recurrence g_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1} backwards through it, so the working set is
-    a few (g, b, chunk, d, N) tensors whatever the length.
+    a few (1, b, chunk, d, N) tensors whatever the length.
     """
     groups, batch, length, dim = u.shape
     raw_delta, delta = delta + delta_bias[:, None, None], _softplus(delta + delta_bias[:, None, None])
@@ -255,9 +266,8 @@ def _scan_backward(u, delta, A, B, C, D, z, delta_bias, dy, chunk_len):
         u_c, delta_c, B_c = (_chunk(t, start, chunk_len) for t in (u, delta, B))
         _, states = _chunk_states(u_c, delta_c, A2, B_c, entering[-1], work, last_only=True)
         entering.append(states[:, :, -1].clone())
-    du, ddelta, dB, dC = (torch.empty_like(t) for t in (u, delta, B, C))
-    dz = torch.empty_like(z) if z is not None else None
-    dA, dD = torch.zeros_like(A), torch.zeros_like(D)
+    du, ddelta, dA, dB, dC, dD, dz, ddelta_bias = grads
+    dA.zero_(), dD.zero_()
     carry = torch.zeros_like(entering[0])  # dL/dh at the end of the chunk, from the chunks after it
     for start, state in zip(reversed(starts), reversed(entering)):
         size = min(chunk_len, length - start)
@@ -288,7 +298,7 @@ def _scan_backward(u, delta, A, B, C, D, z, delta_bias, dy, chunk_len):
         ddelta_c = adjoint_B * u_c + _mul(log_decay_grad, A[:, None, None], out=product).sum(-1)
         ddelta[:, :, part] = ddelta_c[:, :, :size]
     ddelta *= torch.sigmoid(raw_delta)  # through the softplus
-    return du, ddelta, dA, dB, dC, dD, dz, ddelta.sum((1, 2))
+    ddelta_bias.copy_(ddelta.sum((1, 2)))
 
 
 class _SelectiveScan(torch.autograd.Function):
