@@ -24,16 +24,14 @@ allocated during the row (weights, gradients, AdamW state and activations); on C
 in a fresh process and reports its peak RSS above the interpreter's (peak_mem_gib) and mem_per_img_mib,
 the difference between a step at --batch-size and one at half of it divided by the batch difference:
 a single-batch figure would also hold what no image adds (gradients and AdamW state, three times the
-weights, allocator and oneDNN caches) and make small batches look costly. Memory is measured after the
-timed windows, with glibc returning large freed blocks to the system (see return_freed_blocks).
+weights, allocator and oneDNN caches) and make small batches look costly. The timing and the memory of a
+--rss row come from two fresh processes, the second with glibc set to hold no freed memory (STRICT_MALLOC).
 """
 import argparse
-import ctypes
 import datetime
 import importlib.metadata
 import importlib.util
 import json
-import math
 import os
 import platform
 import statistics
@@ -87,7 +85,8 @@ def get_args_parser():
     parser.add_argument("--iters", type=int, default=None, help="steps per window (default 10 on CUDA, 2 on CPU)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, autotuning)")
     parser.add_argument("--rss", action="store_true",
-                        help="CPU memory: each row in a fresh process, peak RSS and memory per image")
+                        help="CPU memory: each row timed in a fresh process and measured in another, peak RSS "
+                             "and memory per image")
     parser.add_argument("--dim", type=int, default=768, help="mixer/scan width (768: Adventurer-Base, ARM-Base)")
     parser.add_argument("--lengths", default="", help="mixer/scan sequence lengths instead of the --img-size ones")
     parser.add_argument("--depth", type=int, default=None, help="override every model's depth (smoke runs)")
@@ -331,9 +330,6 @@ def make_stepper(case, args, device):
 # ---------------------------------------------------------------------------------------------------
 # measuring one row
 
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
-
-
 def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -352,21 +348,15 @@ def reset_peak_rss():
         f.write("5")
 
 
-def return_freed_blocks():
-    """Make glibc hand large blocks back to the system when they are freed, and trim what it holds.
-
-    By default glibc raises its mmap threshold after the first large free and keeps later multi-megabyte
-    blocks in its heap, so peak RSS would count what the allocator retained, not what a step held (seen
-    here at batch 8: DeiT-Base 215 instead of 144 MiB per image, ARM-Base 389 instead of 172).
-    """
-    libc = ctypes.CDLL(None)
-    if hasattr(libc, "mallopt"):  # glibc; other C libraries keep their own policy
-        libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)  # a fixed threshold also stops the dynamic raising
-        libc.malloc_trim(0)
+# glibc settings of the process that measures peak RSS: one arena, and every block of 128 KiB or more mapped
+# on its own and unmapped when freed. By default each thread keeps an arena and glibc raises its mmap
+# threshold after the first large free, so the peak would count what the allocator retained: ARM-Base's
+# memory per image read anywhere from 80 to 216 MiB in runs of one command; with these, 114.5 and 114.7.
+STRICT_MALLOC = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 
 
-def measure(case, args):
-    """The row's timings and memory, in this process."""
+def measure(case, args, timed=True):
+    """The row's timings (unless not timed) and memory, in this process."""
     device = torch.device(args.device)
     row = dict(asdict(case), img_s=None, ratio_to_reference=None, peak_mem_gib=None, mem_per_img_mib=None)
     rss_start = rss() if args.rss else None
@@ -380,35 +370,33 @@ def measure(case, args):
         half = max(1, args.batch_size // 2)
         step = make_step(args.batch_size)
         start = time.perf_counter()
-        for _ in range(args.warmup):
+        for _ in range(max(args.warmup, int(args.rss))):  # memory: AdamW's state exists before the peaks
             step()
         synchronize(device)
         warmup_s = time.perf_counter() - start
         windows = []
-        for _ in range(args.repeats):
+        for _ in range(args.repeats if timed else 0):
             start = time.perf_counter()
             for _ in range(args.iters):
                 step()
             synchronize(device)
             windows.append(time.perf_counter() - start)
-        if args.rss:  # after the timing, which runs with the allocator's usual settings
-            return_freed_blocks()
+        if args.rss:
             peaks = {}
-            # half: what any batch needs (gradients, AdamW state). The least of two tries each, as what the
-            # allocator still holds from an earlier step can lift one peak by hundreds of MiB.
-            for batch in (half, args.batch_size) * 2:
+            for batch in (half, args.batch_size):  # half: what any batch needs (gradients, AdamW state)
                 reset_peak_rss()
                 make_step(batch)()
-                peaks[batch] = min(peaks.get(batch, math.inf), rss("VmHWM"))
+                peaks[batch] = rss("VmHWM")
     except Skip as exc:
         return dict(row, skipped=str(exc))
     except Exception as exc:  # out of memory, a model that cannot be built at this size, a kernel that failed
         return dict(row, skipped=f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}")
     finally:
         kernels.set_backend("auto")
-    seconds = statistics.median(windows) / args.iters
-    row.update(img_s=args.batch_size / seconds, ms_per_step=1000 * seconds, warmup_s=warmup_s,
-               windows_s=[round(w, 6) for w in windows])
+    if timed:
+        seconds = statistics.median(windows) / args.iters
+        row.update(img_s=args.batch_size / seconds, ms_per_step=1000 * seconds, warmup_s=warmup_s,
+                   windows_s=[round(w, 6) for w in windows])
     if device.type == "cuda":
         row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     elif args.rss:
@@ -419,15 +407,26 @@ def measure(case, args):
 
 
 def measure_in_fresh_process(case, args):
-    """`measure` in a new interpreter, so that its peak RSS belongs to this row alone."""
-    spec = json.dumps(dict(args=vars(args), case=asdict(case)))
-    done = subprocess.run([sys.executable, __file__, "--child", spec], capture_output=True, text=True)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("ROW ")]
-    if done.returncode or not lines:
-        why = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
-        return dict(asdict(case), img_s=None, ratio_to_reference=None, peak_mem_gib=None, mem_per_img_mib=None,
-                    skipped=f"fresh process failed: {why}")
-    return json.loads(lines[-1][4:])
+    """`measure` in new interpreters, so that the peak RSS belongs to this row alone: one times the row with
+    the allocator's usual settings, another measures its memory under STRICT_MALLOC."""
+    row = None
+    for timed in (True, False):
+        spec = json.dumps(dict(args=dict(vars(args), rss=not timed), case=asdict(case), timed=timed))
+        env = dict(os.environ) if timed else dict(os.environ, **STRICT_MALLOC)
+        done = subprocess.run([sys.executable, __file__, "--child", spec], capture_output=True, text=True, env=env)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("ROW ")]
+        if done.returncode or not lines:
+            why = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+            return dict(asdict(case), img_s=None, ratio_to_reference=None, peak_mem_gib=None, mem_per_img_mib=None,
+                        skipped=f"fresh process failed: {why}")
+        result = json.loads(lines[-1][4:])
+        if result.get("skipped"):
+            return result
+        if row is None:
+            row = result
+        else:
+            row.update(peak_mem_gib=result["peak_mem_gib"], mem_per_img_mib=result["mem_per_img_mib"])
+    return row
 
 
 def environment(args):
@@ -513,7 +512,7 @@ def main(argv=None):
         args = argparse.Namespace(**spec["args"])
         if args.threads:
             torch.set_num_threads(args.threads)
-        print("ROW " + json.dumps(measure(Case(**spec["case"]), args)), flush=True)
+        print("ROW " + json.dumps(measure(Case(**spec["case"]), args, spec["timed"])), flush=True)
         return []
     if args.quick:  # quick values replace the defaults, explicit flags still win
         parser.set_defaults(**QUICK)
